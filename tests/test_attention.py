@@ -1,0 +1,146 @@
+"""Dual-branch attention: Triton kernels (interpreted on the CPU) and the PyTorch fallback
+against the float64 reference, values and gradients of q, k and v."""
+import pytest
+import torch
+
+import alignclip_kernels as ak
+from alignclip_kernels import reference as ref
+from conftest import assert_close, check_op
+
+
+def packed(b, n, h, d, seed=0):
+    """One packed QKV projection output [B, N, 3, H, D] and its strided q/k/v views."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, n, 3, h, d, generator=gen)
+
+    def views(leaves):
+        return [leaves[0][:, :, i].permute(0, 2, 1, 3) for i in range(3)]
+
+    return [qkv], views
+
+
+def separate(b, h, n, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=gen) for _ in range(3)]
+
+
+SHAPES = [  # B, H, N, D, R
+    (1, 1, 1, 32, 1),
+    (2, 2, 50, 64, 1),     # ViT-B/32
+    (1, 2, 197, 64, 1),    # ViT-B/16
+    (1, 2, 37, 80, 5),     # ViT-H/14 head dim
+    (1, 1, 45, 96, 0),
+    (2, 1, 33, 128, 33),   # every row probed
+]
+
+
+@pytest.mark.parametrize("b,h,n,d,rows", SHAPES)
+def test_packed_views_match_reference(b, h, n, d, rows):
+    floats, views = packed(b, n, h, d)
+    check_op(ak.dual_attention, ref.dual_attention, floats, make_leaves=views,
+             kwargs=dict(rows=rows))
+
+
+@pytest.mark.parametrize("return_dv", [True, False])
+def test_contiguous_inputs_match_reference(return_dv):
+    check_op(ak.dual_attention, ref.dual_attention, separate(2, 3, 29, 64),
+             kwargs=dict(rows=2, scale=0.2, return_dv=return_dv))
+
+
+def test_transposed_strides_match_reference():
+    """q/k/v as [B, N, H, D] buffers seen through transpose: no unit stride on N."""
+    base = separate(1, 17, 2, 32, seed=3)
+    check_op(ak.dual_attention, ref.dual_attention, base,
+             make_leaves=lambda xs: [x.transpose(1, 2) for x in xs], kwargs=dict(rows=1))
+
+
+def test_fused_alignclip_attention_matches_reference():
+    floats, views = packed(2, 21, 3, 32)
+    out = check_op(ak.fused_alignclip_attention, ref.fused_alignclip_attention, floats,
+                   make_leaves=views)
+    assert out[2].shape == (2, 3, 21) and out[2].dtype == torch.float32
+    torch.testing.assert_close(out[2].sum(-1), torch.ones(2, 3))
+    none = ak.fused_alignclip_attention(*views(floats), return_dv=False, return_cls_attn=False)
+    assert none[1] is None and none[2] is None
+
+
+def test_forward_is_one_launch_backward_three(launches):
+    (qkv,), views = packed(1, 40, 2, 64)
+    qkv.requires_grad_()
+    with launches() as fwd:
+        out, dv, cls = ak.fused_alignclip_attention(*views([qkv]))
+    assert fwd.names == ["_attn_fwd_kernel"]
+    with launches() as bwd:
+        (out.sum() + dv.square().sum() + cls.sum()).backward()
+    assert len(bwd) == 3, bwd.names
+
+
+def test_dv_is_a_view_of_packed_qkv_and_its_gradient_lands(launches):
+    (qkv,), views = packed(2, 9, 3, 32)
+    qkv.requires_grad_()
+    q, k, v = views([qkv])
+    out, dv, _ = ak.fused_alignclip_attention(q, k, v)
+    start = qkv.data_ptr()
+    end = start + qkv.numel() * qkv.element_size()
+    assert start <= dv.data_ptr() < end, "dv must be a view into the packed QKV storage"
+    torch.testing.assert_close(dv, v.transpose(1, 2).reshape(2, 9, 96))
+    weight = torch.randn_like(dv)
+    with launches() as bwd:
+        (dv * weight).sum().backward()
+    assert len(bwd) == 3, "d(dv) must fold into the dK/dV kernel, no extra pass"
+    torch.testing.assert_close(qkv.grad[:, :, 2], weight.view(2, 9, 3, 32))
+    torch.testing.assert_close(qkv.grad[:, :, :2], torch.zeros(2, 9, 2, 3, 32))
+
+
+def test_dv_is_written_when_strides_forbid_a_view():
+    q, k, v = separate(1, 2, 7, 32)
+    _, dv, _ = ak.fused_alignclip_attention(q, k, v)
+    assert dv.is_contiguous() and dv.data_ptr() != v.data_ptr()
+    torch.testing.assert_close(dv, v.transpose(1, 2).reshape(1, 7, 64))
+
+
+def test_torch_fallback_matches_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ak.backend("cpu") == "torch"
+    floats, views = packed(2, 23, 2, 64)
+    check_op(ak.dual_attention, ref.dual_attention, floats, make_leaves=views,
+             kwargs=dict(rows=3))
+    check_op(ak.dual_attention, ref.dual_attention, separate(1, 2, 5, 32), kwargs=dict(rows=0))
+
+
+def test_backend_reports_path():
+    assert ak.backend("cpu") in ("triton-interpreter", "torch")
+    assert ak.backend("cuda") in ("triton", "torch")
+
+
+def test_extreme_scores_stay_finite_and_match():
+    q, k, v = separate(1, 1, 19, 32, seed=5)
+    q = q * 300.0   # scores of order ±1e4
+    out, _, rows = ak.dual_attention(q, k, v, rows=2)
+    want, _, want_rows = ref.dual_attention(q.double(), k.double(), v.double(), rows=2)
+    assert torch.isfinite(out).all() and torch.isfinite(rows).all()
+    assert_close("out", out, want, rtol=1e-4, atol=1e-6)
+    assert_close("rows", rows, want_rows, rtol=1e-3, atol=1e-6)
+
+
+BAD = [
+    (lambda q, k, v: ak.dual_attention(q[0], k, v), ValueError, "q must have shape"),
+    (lambda q, k, v: ak.dual_attention(q, k[:, :, :3], v), ValueError, "k must have the shape"),
+    (lambda q, k, v: ak.dual_attention(q, k, v.half()), TypeError, "v has dtype"),
+    (lambda q, k, v: ak.dual_attention(q.long(), k.long(), v.long()), TypeError, "floating"),
+    (lambda q, k, v: ak.dual_attention(q, k, v, rows=6), ValueError, "rows must be in"),
+    (lambda q, k, v: ak.dual_attention(q, k, v, rows=-1), ValueError, "rows must be in"),
+    (lambda q, k, v: ak.dual_attention(q, k, v, rows=1.0), TypeError, "rows must be an int"),
+    (lambda q, k, v: ak.dual_attention(q, k, v, scale=0.0), ValueError, "scale"),
+    (lambda q, k, v: ak.dual_attention(q, k, v, scale=float("nan")), ValueError, "scale"),
+    (lambda q, k, v: ak.dual_attention(q[..., :20], k[..., :20], v[..., :20]), ValueError, "head dim"),
+    (lambda q, k, v: ak.dual_attention(q.double(), k.double(), v.double()), TypeError, "float64"),
+    (lambda q, k, v: ak.dual_attention("q", k, v), TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bad_input_is_refused_by_name(call, exc, match):
+    q, k, v = separate(1, 2, 5, 32)
+    with pytest.raises(exc, match=match):
+        call(q, k, v)
