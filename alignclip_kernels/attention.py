@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._runtime import HAS_TRITON, dot_precision, interpreter_enabled, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, dot_precision, next_pow2, runs_triton
 
 if HAS_TRITON:
     import triton
@@ -90,31 +90,27 @@ def attention_configs(head_dim, dtype, device):
     takes smaller tiles to stay within registers.
     """
     block_d = max(16, next_pow2(head_dim))
-    if device.type != "cuda" or interpreter_enabled():
+    major = cuda_arch(device)
+    if major is None:
         small = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
         return {"fwd": small, "bwd_kv": small, "bwd_q": small, "pre": small}
-    major, _ = torch.cuda.get_device_capability(device)
-    return attention_configs_for(major, block_d, dtype)
-
-
-def attention_configs_for(major, block_d, dtype):
-    """The CUDA table itself, keyed by compute capability major (used by `inspect` too)."""
+    # Tiles sized from ptxas's reports (python -m alignclip_kernels.inspect): no spills, and
+    # registers well under 255 so that two or more CTAs stay resident per SM.
     wide = block_d > 64
-    if dtype == torch.float32:
-        fwd = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-        kv = dict(BLOCK_M=32, BLOCK_N=64 if not wide else 32, num_warps=4, num_stages=2)
-        qb = dict(BLOCK_M=64 if not wide else 32, BLOCK_N=32, num_warps=4, num_stages=2)
-    elif major >= 9:
-        fwd = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if wide else 4, num_stages=3)
-        kv = dict(BLOCK_M=32, BLOCK_N=128 if not wide else 64, num_warps=8 if wide else 4,
-                  num_stages=3)
-        qb = dict(BLOCK_M=128 if not wide else 64, BLOCK_N=32, num_warps=8 if wide else 4,
-                  num_stages=3)
+    stages = 3 if major >= 9 else 2
+    if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones
+        stages = 2
+        tile = 16 if wide else 32
+        fwd = dict(BLOCK_M=64 if not wide else 16, BLOCK_N=32 if not wide else 16,
+                   num_warps=4 if not wide else 8)
+        kv = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
+        qb = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
     else:
-        fwd = dict(BLOCK_M=128 if not wide else 64, BLOCK_N=64, num_warps=4, num_stages=2)
-        kv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
-        qb = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    pre = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=1)
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        kv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4)
+        qb = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4)
+    pre = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+    fwd, kv, qb = (dict(cfg, num_stages=stages) for cfg in (fwd, kv, qb))
     return {key: dict(cfg, BLOCK_D=block_d) for key, cfg in
             (("fwd", fwd), ("bwd_kv", kv), ("bwd_q", qb), ("pre", pre))}
 
@@ -354,7 +350,7 @@ class _DualAttention(torch.autograd.Function):
             out.stride(0), out.stride(1), dv_arg.stride(0), dv_arg.stride(1), *row_strides,
             h, n, rows, d, scale * LOG2E,
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
-            WRITE_DV=write_dv, PRECISION=dot_precision(q.dtype), **_launch_opts(cfg),
+            WRITE_DV=write_dv, PRECISION=dot_precision(q), **_launch_opts(cfg),
         )
         ctx.save_for_backward(q, k, v, out, lse, row_attn)
         ctx.scale = scale
@@ -386,7 +382,7 @@ class _DualAttention(torch.autograd.Function):
             HAS_DROW=has_drow, **_launch_opts(cfg),
         )
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        precision = dot_precision(q.dtype)
+        precision = dot_precision(q)
         cfg = cfgs["bwd_kv"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
             q, k, v, d_out, lse, delta, drow_arg, ddv_arg, dk, dv,

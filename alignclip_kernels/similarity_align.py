@@ -19,7 +19,7 @@ atomically accumulated dt̂ onto the tangent space of each text row.
 import torch
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, dot_precision, interpreter_enabled, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, dot_precision, runs_triton
 
 if HAS_TRITON:
     import triton
@@ -28,10 +28,19 @@ if HAS_TRITON:
 EPS = reference.NORM_EPS
 
 
-def similarity_configs(device):
-    if device.type != "cuda" or interpreter_enabled():
-        return dict(BLOCK_P=32, BLOCK_K=16, BLOCK_E=32, num_warps=4)
-    return dict(BLOCK_P=64, BLOCK_K=32, BLOCK_E=64, num_warps=4)
+def similarity_configs(device, dtype, backward=False):
+    if cuda_arch(device) is None:
+        return dict(BLOCK_P=32, BLOCK_K=16, BLOCK_E=32, num_warps=4, num_stages=1)
+    # The backward holds two [BLOCK_P, BLOCK_E] accumulators beside the recomputed tiles, and
+    # fp32 (tf32x3) operands are twice as wide: smaller tiles and more warps keep both from
+    # spilling (ptxas, sm_90a and sm_80; see `inspect`).
+    wide = dtype == torch.float32
+    if backward and wide:
+        return dict(BLOCK_P=16, BLOCK_K=32, BLOCK_E=32, num_warps=4, num_stages=2)
+    if backward:
+        return dict(BLOCK_P=32, BLOCK_K=32, BLOCK_E=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_P=32 if wide else 64, BLOCK_K=32, BLOCK_E=32 if wide else 64, num_warps=4,
+                num_stages=2 if wide else 3)
 
 
 if HAS_TRITON:
@@ -62,12 +71,14 @@ if HAS_TRITON:
             e_mask = offs_e < E
             u_off = offs_p[:, None] * stp + offs_e[None, :] * ste
             u_mask = p_mask[:, None] & e_mask[None, :]
-            u = tl.load(Tok + u_off, mask=u_mask, other=0.0).to(tl.float32)
-            u_dv = tl.load(TokDv + u_off, mask=u_mask, other=0.0).to(tl.float32)
+            u = tl.load(Tok + u_off, mask=u_mask, other=0.0)
+            u_dv = tl.load(TokDv + u_off, mask=u_mask, other=0.0)
             tt = tl.load(Text + offs_e[:, None] * sxe + offs_k[None, :] * sxk,
-                         mask=e_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+                         mask=e_mask[:, None] & k_mask[None, :], other=0.0)
             s += tl.dot(u, tt, input_precision=PRECISION)
             s_dv += tl.dot(u_dv, tt, input_precision=PRECISION)
+            u = u.to(tl.float32)
+            u_dv = u_dv.to(tl.float32)
             uu += tl.sum(u * u, 1)
             uu_dv += tl.sum(u_dv * u_dv, 1)
         return s, s_dv, uu, uu_dv
@@ -188,11 +199,13 @@ if HAS_TRITON:
                 t_hat = tl.load(Text + offs_k[:, None] * sxk + offs_e[None, :] * sxe,
                                 mask=k_mask[:, None] & e_mask[None, :],
                                 other=0.0).to(tl.float32) * inv_nt[:, None]
-                acc += tl.dot(ds, t_hat, input_precision=PRECISION)
-                acc_dv += tl.dot(ds_dv, t_hat, input_precision=PRECISION)
+                io = Tok.dtype.element_ty
+                t_hat = t_hat.to(io)
+                acc += tl.dot(ds.to(io), t_hat, input_precision=PRECISION)
+                acc_dv += tl.dot(ds_dv.to(io), t_hat, input_precision=PRECISION)
                 if TEXT_GRAD:
-                    gt = tl.dot(tl.trans(ds), u_hat, input_precision=PRECISION) \
-                        + tl.dot(tl.trans(ds_dv), u_dv_hat, input_precision=PRECISION)
+                    gt = tl.dot(tl.trans(ds).to(io), u_hat.to(io), input_precision=PRECISION) \
+                        + tl.dot(tl.trans(ds_dv).to(io), u_dv_hat.to(io), input_precision=PRECISION)
                     tl.atomic_add(GText + offs_k[:, None] * E + offs_e[None, :], gt,
                                   mask=k_mask[:, None] & e_mask[None, :])
             du = (acc - u_hat * r[:, None]) * inv_nu[:, None]
@@ -231,13 +244,13 @@ class _SimilarityAlign(torch.autograd.Function):
     def forward(ctx, tokens, tokens_dv, text):
         b, p, e = tokens.shape
         k = text.shape[0]
-        cfg = similarity_configs(tokens.device)
+        cfg = similarity_configs(tokens.device, tokens.dtype)
         stats = torch.empty((b, 3, k), dtype=torch.float32, device=tokens.device)
         loss = torch.zeros((), dtype=torch.float32, device=tokens.device)
         _sim_fwd_kernel[(b, triton.cdiv(k, cfg["BLOCK_K"]))](
             tokens, tokens_dv, text, stats, loss, *tokens.stride(), *text.stride(), p, k, e,
             1.0 / b, EPS, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(tokens.dtype), num_warps=cfg["num_warps"])
+            PRECISION=dot_precision(tokens), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(tokens, tokens_dv, text, stats)
         return loss
 
@@ -246,7 +259,7 @@ class _SimilarityAlign(torch.autograd.Function):
         tokens, tokens_dv, text, stats = ctx.saved_tensors
         b, p, e = tokens.shape
         k = text.shape[0]
-        cfg = similarity_configs(tokens.device)
+        cfg = similarity_configs(tokens.device, tokens.dtype, backward=True)
         text_grad = ctx.needs_input_grad[2]
         dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
         dtok_dv = torch.empty_like(dtok)
@@ -256,7 +269,7 @@ class _SimilarityAlign(torch.autograd.Function):
             tokens, tokens_dv, text, stats, dloss, dtok, dtok_dv, g_text, *tokens.stride(),
             *text.stride(), dtok.stride(0), dtok.stride(1), p, k, e, 1.0 / b, EPS,
             BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(tokens.dtype), TEXT_GRAD=text_grad, num_warps=cfg["num_warps"])
+            PRECISION=dot_precision(tokens), TEXT_GRAD=text_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dtext = None
         if text_grad:
             dtext = torch.empty((k, e), dtype=text.dtype, device=text.device)

@@ -19,7 +19,7 @@ re-read by the same program after a barrier and projected in place.
 import torch
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, dot_precision, interpreter_enabled, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, dot_precision, runs_triton
 
 if HAS_TRITON:
     import triton
@@ -28,10 +28,12 @@ if HAS_TRITON:
 EPS = reference.NORM_EPS
 
 
-def sls_configs(device):
-    if device.type != "cuda" or interpreter_enabled():
-        return dict(BLOCK_B=16, BLOCK_K=16, BLOCK_E=32, num_warps=4)
-    return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_E=64, num_warps=4)
+def sls_configs(device, dtype):
+    if cuda_arch(device) is None:
+        return dict(BLOCK_B=16, BLOCK_K=16, BLOCK_E=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:   # tf32x3 operands: half the class tile keeps the backward in registers
+        return dict(BLOCK_B=16, BLOCK_K=32, BLOCK_E=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_E=64, num_warps=4, num_stages=3)
 
 
 if HAS_TRITON:
@@ -70,16 +72,15 @@ if HAS_TRITON:
             x, _ = _margin_features(F_, Text, offs_b, b_mask, y, offs_e, e_mask, inv_nf, alpha,
                                     sfb, sfe, stk, ste)
             tt = tl.load(Text + offs_k[None, :] * stk + offs_e[:, None] * ste,
-                         mask=e_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            z += tl.dot(x, tt, input_precision=PRECISION)
+                         mask=e_mask[:, None] & k_mask[None, :], other=0.0)
+            z += tl.dot(x.to(tt.dtype), tt, input_precision=PRECISION)
         return z * scale
 
     @triton.jit
     def _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon):
         cd = tl.load(CD + y[:, None] * scdk + offs_k[None, :] * scdc,
                      mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        is_label = offs_k[None, :] == y[:, None]
-        return tl.where(is_label, epsilon, cd), is_label
+        return tl.where(offs_k[None, :] == y[:, None], epsilon, cd)
 
     @triton.jit
     def _sls_fwd_kernel(
@@ -91,7 +92,8 @@ if HAS_TRITON:
         offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         b_mask = offs_b < B
         y = tl.load(Labels + offs_b, mask=b_mask, other=0)
-        _, inv_nf = _feature_norms(F_, offs_b, b_mask, E, sfb, sfe, eps, BLOCK_B, BLOCK_E)
+        norms = _feature_norms(F_, offs_b, b_mask, E, sfb, sfe, eps, BLOCK_B, BLOCK_E)
+        inv_nf = norms[1]
         m = tl.full([BLOCK_B], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_B], tl.float32)
         tz = tl.zeros([BLOCK_B], tl.float32)
@@ -103,7 +105,7 @@ if HAS_TRITON:
                                E, sfb, sfe, stk, ste, BLOCK_B, BLOCK_K, BLOCK_E, PRECISION)
             valid = b_mask[:, None] & k_mask[None, :]
             tl.store(Logits + offs_b[:, None] * K + offs_k[None, :], z, mask=valid)
-            target, _ = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
+            target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
             target = tl.where(valid, target, 0.0)
             zm = tl.where(k_mask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, 1))
@@ -133,7 +135,7 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            target, _ = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
+            target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
             ts += tl.sum(tl.where(k_mask[None, :], target, 0.0), 1)
         radial = tl.zeros([BLOCK_B], tl.float32)
         for e0 in range(0, E, BLOCK_E):
@@ -147,8 +149,7 @@ if HAS_TRITON:
                 k_mask = offs_k < K
                 valid = b_mask[:, None] & k_mask[None, :]
                 z = tl.load(Logits + offs_b[:, None] * K + offs_k[None, :], mask=valid, other=0.0)
-                target, is_label = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc,
-                                                epsilon)
+                target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
                 log_p = z - lse[:, None]
                 dz = g * (tl.exp(log_p) * ts[:, None] - target)
                 if HAS_DLOGITS:
@@ -156,10 +157,11 @@ if HAS_TRITON:
                                   mask=valid, other=0.0).to(tl.float32)
                 dz = tl.where(valid, dz, 0.0)
                 tt = tl.load(Text + offs_k[:, None] * stk + offs_e[None, :] * ste,
-                             mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-                dx += tl.dot(dz, tt, input_precision=PRECISION) * scale
+                             mask=k_mask[:, None] & e_mask[None, :], other=0.0)
+                dx += tl.dot(dz.to(tt.dtype), tt, input_precision=PRECISION) * scale
                 if TEXT_GRAD:
-                    gt = tl.dot(tl.trans(dz), x, input_precision=PRECISION) * scale
+                    gt = tl.dot(tl.trans(dz).to(tt.dtype), x.to(tt.dtype),
+                                input_precision=PRECISION) * scale
                     tl.atomic_add(GText + offs_k[:, None] * E + offs_e[None, :], gt,
                                   mask=k_mask[:, None] & e_mask[None, :])
                 if CD_GRAD:
@@ -189,7 +191,7 @@ class _SLSMMS(torch.autograd.Function):
     def forward(ctx, image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
         b, e = image_features.shape
         k = text.shape[0]
-        cfg = sls_configs(image_features.device)
+        cfg = sls_configs(image_features.device, image_features.dtype)
         logits = torch.empty((b, k), dtype=torch.float32, device=image_features.device)
         lse = torch.empty((b,), dtype=torch.float32, device=image_features.device)
         loss = torch.zeros((), dtype=torch.float32, device=image_features.device)
@@ -198,7 +200,7 @@ class _SLSMMS(torch.autograd.Function):
             *image_features.stride(), *text.stride(), *class_dist.stride(), b, k, e,
             alpha, logit_scale, epsilon, 1.0 / b, EPS,
             BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(image_features.dtype), num_warps=cfg["num_warps"])
+            PRECISION=dot_precision(image_features), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(image_features, text, labels, class_dist, logits, lse)
         ctx.params = (alpha, logit_scale, epsilon)
         ctx.set_materialize_grads(False)
@@ -210,7 +212,7 @@ class _SLSMMS(torch.autograd.Function):
         alpha, logit_scale, epsilon = ctx.params
         b, e = image_features.shape
         k = text.shape[0]
-        cfg = sls_configs(image_features.device)
+        cfg = sls_configs(image_features.device, image_features.dtype)
         dev = image_features.device
         if dloss is None:
             dloss = torch.zeros((), dtype=torch.float32, device=dev)
@@ -224,8 +226,8 @@ class _SLSMMS(torch.autograd.Function):
             dcd, *image_features.stride(), *text.stride(), *class_dist.stride(),
             *dl_arg.stride(), b, k, e, alpha, logit_scale, epsilon, 1.0 / b, EPS,
             BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(image_features.dtype), HAS_DLOGITS=dlogits is not None,
-            TEXT_GRAD=text_grad, CD_GRAD=cd_grad, num_warps=cfg["num_warps"])
+            PRECISION=dot_precision(image_features), HAS_DLOGITS=dlogits is not None,
+            TEXT_GRAD=text_grad, CD_GRAD=cd_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return (df.to(image_features.dtype), g_text.to(text.dtype) if text_grad else None, None,
                 dcd.to(class_dist.dtype) if cd_grad else None, None, None, None)
 
