@@ -1,4 +1,6 @@
 """AlignCLIP training on open_clip with the fused ops of `alignclip_kernels`."""
 from .bma import BetaMovingAverage
+from .losses import AlignCLIPLoss, LossTerms
+from .model import AlignCLIPVisual, VisualOutput
 
-__all__ = ["BetaMovingAverage"]
+__all__ = ["AlignCLIPLoss", "AlignCLIPVisual", "BetaMovingAverage", "LossTerms", "VisualOutput"]
