@@ -1,0 +1,133 @@
+"""Image samples, loading with clear errors, CLIP transforms and the step-indexed batch order.
+
+The order of training batches is a pure function of (seed, domain, step): each domain's stream
+is a concatenation of seeded permutations, and step t takes items [t·bs, (t+1)·bs). Each item's
+augmentation is seeded from (seed, domain, step, position). A run resumed at step k therefore
+sees exactly the batches an unbroken run would, with no sampler state to save; a rank of a
+distributed run takes every world-th item of each batch.
+"""
+import hashlib
+import os
+import warnings
+from typing import List, NamedTuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class Sample(NamedTuple):
+    path: str
+    label: int
+
+
+class CorruptImageError(RuntimeError):
+    """One line naming the file that could not be read."""
+
+
+def seed_hash(*parts):
+    """A 31-bit seed from any parts, stable across runs and processes (unlike hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def train_transform(size):
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def eval_transform(size):
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+def load_rgb(path):
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise CorruptImageError(f"corrupt image: {path} ({type(exc).__name__}: {exc})") from None
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Items are indices (evaluation) or (index, seed) pairs (training, seeded augmentation).
+
+    With `skip_corrupt`, an unreadable image is replaced by the next readable one, with a
+    warning naming it; otherwise it raises `CorruptImageError` naming the file.
+    """
+
+    def __init__(self, samples: List[Sample], transform, skip_corrupt=False):
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, index):
+        for offset in range(len(self.samples)):
+            sample = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return load_rgb(sample.path), sample.label
+            except CorruptImageError as exc:
+                if not self.skip_corrupt:
+                    raise
+                warnings.warn(f"skipping {exc}", stacklevel=2)
+        raise CorruptImageError(f"corrupt image: every image of this split is unreadable "
+                                f"(first: {self.samples[0].path})")
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        img, label = self._load(index)
+        if seed is None:
+            return self.transform(img), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batches of (index, augmentation seed) for steps start..stop-1 of one domain; see module doc."""
+
+    def __init__(self, size, batch_size, seed, domain, start, stop, rank=0, world=1):
+        if size < 1:
+            raise ValueError(f"domain {domain} has no training images")
+        self.size, self.batch_size, self.seed, self.domain = size, batch_size, seed, domain
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self._perms = {}
+
+    def _item(self, position):
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(seed_hash(self.seed, self.domain, epoch))
+            self._perms = {epoch: torch.randperm(self.size, generator=gen)}
+        return int(self._perms[epoch][offset])
+
+    def batch(self, step):
+        first = step * self.batch_size
+        return [(self._item(first + j), seed_hash(self.seed, self.domain, step, j))
+                for j in range(self.rank, self.batch_size, self.world)]
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batch(step)
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def list_images(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
