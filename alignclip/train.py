@@ -6,6 +6,7 @@ the CPU), the model in eval mode while training as the authors do, BMA after eve
 Under `torchrun` the same command trains with DistributedDataParallel: each rank takes its
 share of every domain's batch, rank 0 logs and writes checkpoints.
 """
+import contextlib
 import json
 import os
 import re
@@ -96,16 +97,24 @@ def build_clip(cfg, device):
     return clip, open_clip.get_tokenizer(m["arch"])
 
 
-def _one_line(exc):
-    """The 'corrupt image: PATH (...)' line, also out of a DataLoader worker's re-raise."""
-    match = re.search(r"corrupt image: [^\n]*", str(exc))
-    return match.group(0) if match else str(exc).strip().splitlines()[-1]
+@contextlib.contextmanager
+def corrupt_images_as_run_errors():
+    """A corrupt image stops the run with one line naming the file, also when a DataLoader
+    worker raised it (the worker's re-raise carries the whole traceback in its message)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        match = re.search(r"corrupt image: [^\n]*", str(exc))
+        if isinstance(exc, CorruptImageError) or match:
+            raise RunError(match.group(0) if match else str(exc)) from None
+        raise
 
 
 class Trainer:
     def __init__(self, cfg, output_dir, ddp=None):
         self.cfg = cfg
         self.output_dir = output_dir
+        os.makedirs(output_dir, exist_ok=True)
         self.ddp = ddp or setup_distributed()
         self.device = resolve_device(cfg["train"]["device"], self.ddp)
         torch.manual_seed(cfg["seed"])
@@ -253,8 +262,11 @@ def _logger(output_dir):
 def train(cfg, output_dir=None, max_steps=None, resume=False):
     """Train; returns the summary dict (rank 0) after writing every output under output_dir."""
     output_dir = output_dir or cfg["output_dir"]
-    os.makedirs(output_dir, exist_ok=True)
-    trainer = Trainer(cfg, output_dir)
+    with corrupt_images_as_run_errors():
+        return _train(Trainer(cfg, output_dir), cfg, output_dir, max_steps, resume)
+
+
+def _train(trainer, cfg, output_dir, max_steps, resume):
     ddp = trainer.ddp
     if resume:
         trainer.resume()
@@ -263,7 +275,7 @@ def train(cfg, output_dir=None, max_steps=None, resume=False):
         before = trainer.attention_snapshot()
         if before is not None:
             save_atomic(before, before_path)
-    stop = trainer.total if max_steps is None else min(trainer.total, trainer.step + max(0, max_steps))
+    stop = trainer.total if max_steps is None else min(trainer.total, trainer.step + max_steps)
     writer = _logger(output_dir) if ddp.main else None
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
     start = time.time()
@@ -286,12 +298,6 @@ def train(cfg, output_dir=None, max_steps=None, resume=False):
                             writer.add_scalar(f"train/{key}", row[key], trainer.step)
             if trainer.step % cfg["train"]["checkpoint_every"] == 0 and trainer.step < stop:
                 trainer.save()
-    except CorruptImageError as exc:
-        raise RunError(_one_line(exc)) from None
-    except RuntimeError as exc:
-        if "corrupt image:" in str(exc):   # re-raised out of a DataLoader worker
-            raise RunError(_one_line(exc)) from None
-        raise
     finally:
         progress.close()
     trainer.save()
@@ -322,12 +328,13 @@ def evaluate_checkpoint(cfg, checkpoint, output_dir=None):
     output_dir = output_dir or cfg["output_dir"]
     if not os.path.exists(checkpoint):
         raise RunError(f"checkpoint {checkpoint} does not exist")
-    trainer = Trainer(cfg, output_dir, Dist())
-    state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
-    trainer.model.visual.load_state_dict(state["model"])
-    trainer.bma.module.load_state_dict(state["bma"]["module"])
-    results = {"checkpoint": os.path.abspath(checkpoint), "steps": int(state["step"]), **trainer.evaluate()}
-    os.makedirs(output_dir, exist_ok=True)
+    with corrupt_images_as_run_errors():
+        trainer = Trainer(cfg, output_dir, Dist())
+        state = torch.load(checkpoint, map_location=trainer.device, weights_only=False)
+        trainer.model.visual.load_state_dict(state["model"])
+        trainer.bma.module.load_state_dict(state["bma"]["module"])
+        results = {"checkpoint": os.path.abspath(checkpoint), "steps": int(state["step"]),
+                   **trainer.evaluate()}
     with open(os.path.join(output_dir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
