@@ -3,8 +3,7 @@ from typing import NamedTuple
 
 import torch
 
-from alignclip_kernels import (aal_kl_loss, class_distribution, similarity_align_loss, sls_mms_loss,
-                               token_text_target)
+import alignclip_kernels
 
 
 class LossTerms(NamedTuple):
@@ -19,13 +18,15 @@ class AlignCLIPLoss(torch.nn.Module):
     """Combines the terms with the authors' defaults; `align=False` is CLIPood (SLS+MMS only).
 
     `text` [K, E] are the normalised class text features; `class_dist` is computed from them once.
+    `ops` is any module with the public op names (`alignclip_kernels`, or its `reference`).
     """
 
     def __init__(self, text, *, alpha=0.3, logit_scale=100.0, epsilon=0.9, smoothing=35.0,
-                 aloss=10.0, temperature=1.0, align=True):
+                 aloss=10.0, temperature=1.0, align=True, ops=alignclip_kernels):
         super().__init__()
+        self.ops = ops
         self.register_buffer("text", text.detach().float(), persistent=False)
-        self.register_buffer("class_dist", class_distribution(self.text, smoothing=smoothing),
+        self.register_buffer("class_dist", ops.class_distribution(self.text, smoothing=smoothing),
                              persistent=False)
         self.alpha, self.logit_scale, self.epsilon = alpha, logit_scale, epsilon
         self.aloss, self.temperature, self.align = aloss, temperature, align
@@ -33,16 +34,16 @@ class AlignCLIPLoss(torch.nn.Module):
     def forward(self, out, labels):
         # The SLS logits are scaled by 100: keep them in fp32 (a [B, E] cast), whatever autocast did.
         image_features = out.tokens[:, 0].float()
-        sls, logits = sls_mms_loss(image_features, self.text, labels, self.class_dist,
+        sls, logits = self.ops.sls_mms_loss(image_features, self.text, labels, self.class_dist,
                                    alpha=self.alpha, logit_scale=self.logit_scale, epsilon=self.epsilon)
         zero = sls.new_zeros(())
         if not self.align:
             return LossTerms(sls, sls, zero, zero, logits)
         patches, patches_dv = out.tokens[:, 1:], out.tokens_dv[:, 1:]
         text = self.text.to(patches.dtype)
-        sim = similarity_align_loss(patches, patches_dv, text)
+        sim = self.ops.similarity_align_loss(patches, patches_dv, text)
         aal = zero
         if out.cls_attn is not None:
-            target = token_text_target(patches_dv, text, labels, temperature=self.temperature)
-            aal = aal_kl_loss(out.cls_attn, target)
+            target = self.ops.token_text_target(patches_dv, text, labels, temperature=self.temperature)
+            aal = self.ops.aal_kl_loss(out.cls_attn, target)
         return LossTerms(sls + self.aloss * (aal + sim), sls, aal, sim, logits)

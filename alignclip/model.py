@@ -43,7 +43,8 @@ def _check_visual(visual):
 class AlignCLIPVisual(torch.nn.Module):
     """Wraps `visual` (no weight copies) and runs both paths; see the module docstring."""
 
-    def __init__(self, visual, *, dual_layers=6, aal_layers=(0, 1, 2, 3, 4), out_proj_mode="split"):
+    def __init__(self, visual, *, dual_layers=6, aal_layers=(0, 1, 2, 3, 4), out_proj_mode="split",
+                 attention=fused_alignclip_attention):
         super().__init__()
         _check_visual(visual)
         depth = len(visual.transformer.resblocks)
@@ -59,6 +60,7 @@ class AlignCLIPVisual(torch.nn.Module):
         self.dual_start = depth - dual_layers
         self.aal_layers = aal_layers
         self.out_proj_mode = out_proj_mode
+        self.attention = attention   # same signature as fused_alignclip_attention (benchmarks swap it)
 
     @property
     def num_heads(self):
@@ -78,7 +80,7 @@ class AlignCLIPVisual(torch.nn.Module):
         h = attn.num_heads
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, h, c // h)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        return fused_alignclip_attention(q, k, v, return_dv=dual, return_cls_attn=probe)
+        return self.attention(q, k, v, return_dv=dual, return_cls_attn=probe)
 
     def _out_proj(self, block, out, dv):
         proj = block.attn.out_proj

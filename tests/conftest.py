@@ -48,7 +48,7 @@ def assert_close(name, actual, expected, rtol, atol):
 
 
 def check_op(op, ref, floats, *, others=(), kwargs=None, dtype=torch.float32, seed=0,
-             make_leaves=None):
+             make_leaves=None, tolerance=None):
     """Compare `op(*floats, *others, **kwargs)` with `ref` run in float64 on the same values.
 
     Checks every output that is not None, then the gradients of every tensor in `floats` under
@@ -56,7 +56,7 @@ def check_op(op, ref, floats, *, others=(), kwargs=None, dtype=torch.float32, se
     arguments (e.g. strided q/k/v views of one packed buffer). Returns the op's outputs.
     """
     kwargs = kwargs or {}
-    tol = TOLERANCES[dtype]
+    tol = tolerance or TOLERANCES[dtype]
     gen = torch.Generator().manual_seed(seed)
     leaves = [x.detach().to(dtype).requires_grad_() for x in floats]
     ref_leaves = [x.detach().to(dtype).double().requires_grad_() for x in floats]
@@ -69,7 +69,8 @@ def check_op(op, ref, floats, *, others=(), kwargs=None, dtype=torch.float32, se
     for i, o, r in pairs:
         assert o is not None, f"output {i} is None but the reference returns a tensor"
         assert_close(f"output {i}", o, r, **tol)
-    grads_up = [torch.randn(r.shape, generator=gen, dtype=torch.float64) for _, _, r in pairs]
+    grads_up = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.device)
+                for _, _, r in pairs]
     diff = [(o, g.to(o.dtype)) for (_, o, _), g in zip(pairs, grads_up) if o.requires_grad]
     if diff:
         got = torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff],

@@ -1,0 +1,31 @@
+"""The benchmark suite runs without CUDA (PyTorch providers at reduced shapes, Triton providers
+skipped with the reason) and its report renders tables and plots from the JSON."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_suite_runs_and_report_renders(tmp_path):
+    results = tmp_path / "bench.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    res = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q",
+                          "-p", "no:cacheprovider", f"--benchmark-json={results}",
+                          "--benchmark-disable-gc", "-rs"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    data = json.loads(results.read_text())
+    groups = {b["group"] for b in data["benchmarks"]}
+    assert any(g.startswith("attention-fwdbwd") for g in groups)
+    assert any(g.startswith("train-step") for g in groups) and "bma" in groups
+    assert all({"provider", "backend", "device"} <= b["extra_info"].keys() for b in data["benchmarks"])
+    if "CUDA" not in res.stdout:
+        assert "interpreted kernels are not timed" in res.stdout
+    out = tmp_path / "BENCHMARKS.md"
+    subprocess.run([sys.executable, "benchmarks/report.py", str(results), "--out", str(out),
+                    "--plots", str(tmp_path / "plots")], cwd=ROOT, check=True, timeout=120)
+    text = out.read_text()
+    assert "## Targets" in text and "| provider | backend | median |" in text
+    assert len(list((tmp_path / "plots").glob("*.png"))) == len(groups)
