@@ -148,7 +148,8 @@ if HAS_TRITON:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < K
                 valid = b_mask[:, None] & k_mask[None, :]
-                z = tl.load(Logits + offs_b[:, None] * K + offs_k[None, :], mask=valid, other=0.0)
+                z = tl.load(Logits + offs_b[:, None] * K + offs_k[None, :], mask=valid,
+                            other=float("-inf"))
                 target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
                 log_p = z - lse[:, None]
                 dz = g * (tl.exp(log_p) * ts[:, None] - target)
@@ -166,7 +167,7 @@ if HAS_TRITON:
                                   mask=k_mask[:, None] & e_mask[None, :])
                 if CD_GRAD:
                     if e0 == 0:
-                        tl.atomic_add(DCD + y[:, None] * K + offs_k[None, :], -g * log_p,
+                        tl.atomic_add(DCD + y[:, None] * K + offs_k[None, :], -g * tl.where(valid, log_p, 0.0),
                                       mask=valid & (offs_k[None, :] != y[:, None]))
             if TEXT_GRAD:
                 tl.atomic_add(GText + y[:, None] * E + offs_e[None, :], -alpha * dx,
@@ -237,16 +238,16 @@ def _check(image_features, text, labels, class_dist, alpha, logit_scale, epsilon
     _checks.tensor("text", text, 2, "[K, E]")
     _checks.tensor("class_dist", class_dist, 2, "[K, K]")
     _checks.same_device_dtype(image_features=image_features, text=text)
-    _checks.same_device(image_features=image_features, class_dist=class_dist, labels=labels)
     b, e = image_features.shape
     k = text.shape[0]
+    _checks.labels("labels", labels, b, k)
+    _checks.same_device(image_features=image_features, class_dist=class_dist, labels=labels)
     if b < 1 or e < 1 or k < 1:
         raise ValueError(f"image_features [B, E] and text [K, E] must be non-empty, got "
                          f"{tuple(image_features.shape)} and {tuple(text.shape)}")
     _checks.size("text", text.shape[1], e, "width E (text.shape[1]) = image_features.shape[1]")
     if tuple(class_dist.shape) != (k, k):
         raise ValueError(f"class_dist must have shape [K, K]=[{k}, {k}], got {tuple(class_dist.shape)}")
-    _checks.labels("labels", labels, b, k)
     return (_checks.finite("alpha", alpha), _checks.positive_finite("logit_scale", logit_scale),
             _checks.finite("epsilon", epsilon))
 

@@ -143,8 +143,8 @@ def _check(tokens, text, labels, temperature):
     _checks.size("text", text.shape[1], e, "width E (text.shape[1]) = tokens.shape[2]")
     if text.shape[0] < 1:
         raise ValueError("text must hold at least one class row [K>=1, E]")
-    _checks.same_device(tokens=tokens, labels=labels)
     _checks.labels("labels", labels, b, text.shape[0])
+    _checks.same_device(tokens=tokens, labels=labels)
     return _checks.positive_finite("temperature", temperature)
 
 

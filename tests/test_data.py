@@ -100,3 +100,13 @@ def test_bad_folders_are_refused_with_paths(tmp_path):
         load_domains(str(tmp_path), "Synthetic")
     with pytest.raises(DataError, match="data.dataset must be one of"):
         load_domains(str(tmp_path), "Imagenette")
+
+
+def test_empty_domain_is_refused_with_its_path(tmp_path):
+    write_synthetic(str(tmp_path), domains=2, classes=2, per_class=2, size=8)
+    base = tmp_path / "Synthetic"
+    domain = sorted(d for d in base.iterdir() if d.is_dir())[0]
+    for f in domain.rglob("*.png"):
+        f.unlink()
+    with pytest.raises(DataError, match=f"{domain} holds no images"):
+        load_domains(str(tmp_path), "Synthetic")

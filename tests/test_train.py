@@ -119,6 +119,25 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, torch_path, monkey
     assert _load(tmp_path / "out" / "checkpoints" / "last.pt")["step"] == 3
 
 
+def test_non_finite_gradient_stops_naming_the_step(tmp_path, torch_path, monkeypatch):
+    from alignclip import model
+
+    real = model.AlignCLIPVisual.forward
+    calls = {"n": 0}
+
+    def poisoned(self, images, align=True):
+        out = real(self, images, align)
+        calls["n"] += 1
+        if calls["n"] == 2:   # finite loss terms, a NaN gradient flowing back from the tokens
+            out.tokens.register_hook(lambda g: g * float("nan"))
+        return out
+
+    monkeypatch.setattr(model.AlignCLIPVisual, "forward", poisoned)
+    cfg = tiny_config(tmp_path / "data", train={"iters_per_epoch": 3, "attention_images": 0})
+    with pytest.raises(RunError, match=r"^step 2: the gradient is not finite"):
+        train(cfg, str(tmp_path / "out"))
+
+
 def test_corrupt_image_is_named_in_one_line_or_skipped(tmp_path, torch_path):
     cfg = tiny_config(tmp_path / "data", train={"iters_per_epoch": 3})
     train(cfg, str(tmp_path / "warmup"), max_steps=0)
