@@ -36,18 +36,6 @@ def size(name, actual, expected, what):
         raise ValueError(f"{name}: {what} must be {expected}, got {actual}")
 
 
-def same_device_dtype(**tensors):
-    items = list(tensors.items())
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "all inputs must be on one device")
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                            "all floating inputs must share one dtype")
-
-
 def same_device(**tensors):
     items = list(tensors.items())
     first_name, first = items[0]
@@ -55,6 +43,15 @@ def same_device(**tensors):
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
                              "all inputs must be on one device")
+
+
+def same_device_dtype(**tensors):
+    same_device(**tensors)
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                            "all floating inputs must share one dtype")
 
 
 def positive_finite(name, value):

@@ -118,6 +118,18 @@ def attention_configs(head_dim, dtype, device):
 if HAS_TRITON:
 
     @triton.jit
+    def _program(H, BLOCK: tl.constexpr):
+        """(flat batch·head index, batch, head, this program's row offsets) of a (rows, B·H) grid."""
+        pid_bh = tl.program_id(1)
+        return pid_bh, pid_bh // H, pid_bh % H, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+
+    @triton.jit
+    def _load_rows(ptr, rows, row_stride, cols, col_stride, row_mask, col_mask):
+        """A [rows, cols] tile, zero outside the masks."""
+        return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
+                       mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+    @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, Out, DV, Lse, RowA,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
@@ -126,19 +138,15 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         d_mask = offs_d < D
         Q += b * sqb + h * sqh
         K += b * skb + h * skh
         V += b * svb + h * svh
-        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q = _load_rows(Q, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -153,8 +161,7 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            v = _load_rows(V, offs_n, svn, offs_d, svd, n_mask, d_mask)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         acc = acc / l_i[:, None]
@@ -188,11 +195,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr,
     ):
+        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         io_mask = m_mask[:, None] & (offs_d < D)[None, :]
@@ -224,19 +228,13 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr, HAS_DDV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_bh, b, h, offs_n = _program(H, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_mask = offs_n < N
         d_mask = offs_d < D
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=kv_mask, other=0.0)
+        k = _load_rows(K + b * skb + h * skh, offs_n, skn, offs_d, skd, n_mask, d_mask)
+        v = _load_rows(V + b * svb + h * svh, offs_n, svn, offs_d, svd, n_mask, d_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         Q += b * sqb + h * sqh
@@ -244,10 +242,8 @@ if HAS_TRITON:
         for start_m in range(0, N, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < N
-            q_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * sdon + offs_d[None, :] * sdod, mask=q_mask,
-                         other=0.0)
+            q = _load_rows(Q, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
+            do = _load_rows(DO, offs_m, sdon, offs_d, sdod, m_mask, d_mask)
             lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_mask, other=float("inf"))
             delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_mask, other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -279,19 +275,14 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         d_mask = offs_d < D
         q_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=q_mask, other=0.0)
-        do = tl.load(DO + b * sdob + offs_m[:, None] * sdon + (h * D + offs_d[None, :]) * sdod,
-                     mask=q_mask, other=0.0)
+        q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
+        do = _load_rows(DO + b * sdob + h * D * sdod, offs_m, sdon, offs_d, sdod, m_mask, d_mask)
         lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_mask, other=float("inf"))
         delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_mask, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -300,9 +291,8 @@ if HAS_TRITON:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_mask = offs_n < N
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            k = _load_rows(K, offs_n, skn, offs_d, skd, n_mask, d_mask)
+            v = _load_rows(V, offs_n, svn, offs_d, svd, n_mask, d_mask)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

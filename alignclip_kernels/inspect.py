@@ -84,8 +84,7 @@ def _op_runs(dtype):
             out, dv, rows = attention._DualAttention.apply(q, k, v, 1, d ** -0.5, True)
             torch.autograd.backward([out, dv, rows], [torch.empty_like(out), torch.empty_like(dv),
                                                       torch.empty_like(rows)])
-        cost = (roofline.attention(b, h, n, d, itemsize)
-                + roofline.attention(b, h, n, d, itemsize, backward=True))
+        cost = roofline.fwd_bwd(roofline.attention, b, h, n, d, itemsize)
         runs.append((f"attention {name}", attn, cost))
     sb, p, e, n_layers, h = (LOSS_SHAPE[key] for key in ("B", "P", "E", "L", "H"))
     for k in CLASS_COUNTS:
@@ -102,12 +101,10 @@ def _op_runs(dtype):
             loss = loss + sls_mms._SLSMMS.apply(tokens[:, 0], text, labels, dist, 0.3, 100.0,
                                                 0.9)[0]
             loss.backward()
-        cost = (roofline.token_text_target(sb, p, e, itemsize)
-                + roofline.token_text_target(sb, p, e, itemsize, backward=True)
-                + roofline.aal_kl(n_layers, sb, h, p + 1) + roofline.aal_kl(n_layers, sb, h, p + 1, backward=True)
-                + roofline.similarity_align(sb, p, e, k, itemsize)
-                + roofline.similarity_align(sb, p, e, k, itemsize, backward=True)
-                + roofline.sls_mms(sb, e, k, itemsize) + roofline.sls_mms(sb, e, k, itemsize, backward=True))
+        cost = (roofline.fwd_bwd(roofline.token_text_target, sb, p, e, itemsize)
+                + roofline.fwd_bwd(roofline.aal_kl, n_layers, sb, h, p + 1)
+                + roofline.fwd_bwd(roofline.similarity_align, sb, p, e, k, itemsize)
+                + roofline.fwd_bwd(roofline.sls_mms, sb, e, k, itemsize))
         runs.append((f"losses K={k}", losses, cost))
     return runs
 

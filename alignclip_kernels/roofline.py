@@ -26,6 +26,11 @@ class Cost:
         return {"bytes": self.bytes, "flops": self.flops, "bound_us": self.bound_s() * 1e6}
 
 
+def fwd_bwd(cost_fn, *args, **kwargs):
+    """Forward plus backward cost of one op: `cost_fn(..., backward=False) + (..., backward=True)`."""
+    return cost_fn(*args, **kwargs) + cost_fn(*args, backward=True, **kwargs)
+
+
 def attention(b, h, n, d, itemsize, *, rows=1, write_dv=False, backward=False, d_rows=True,
               d_dv=True):
     """Forward: q, k, v in; out, LSE, R probe rows (fp32) and, when not a view, dv out.

@@ -62,6 +62,6 @@ def test_attention_fwdbwd(benchmark, provider, shape, dtype):
         outs = [o for o in _fn(provider, *qkv_views(qkv)) if o is not None]
         torch.autograd.grad(outs, [qkv], grads)
 
-    cost = roofline.attention(b, h, n, d, isz) + roofline.attention(b, h, n, d, isz, backward=True)
+    cost = roofline.fwd_bwd(roofline.attention, b, h, n, d, isz)
     measure(benchmark, fn, group=f"attention-fwdbwd {shape} {str(dtype).split('.')[-1]}",
             provider=provider, cost=cost, shape=[b, h, n, d])

@@ -41,7 +41,7 @@ def test_target(benchmark, provider, k):
     needs_cuda(provider)
     tokens, _, text, labels = _inputs(k)
     ops = OPS[provider]
-    cost = roofline.token_text_target(B, P, E, ISZ) + roofline.token_text_target(B, P, E, ISZ, backward=True)
+    cost = roofline.fwd_bwd(roofline.token_text_target, B, P, E, ISZ)
     measure(benchmark, _fwdbwd(lambda: ops.token_text_target(tokens, text, labels), [tokens]),
             group=f"target K={k}", provider=provider, cost=cost)
 
@@ -53,7 +53,7 @@ def test_aal(benchmark, provider):
     cls = torch.softmax(torch.randn(L, B, H, P + 1, device=DEVICE, generator=gen), -1).requires_grad_()
     target = torch.softmax(torch.randn(B, P, device=DEVICE, generator=gen), -1).requires_grad_()
     ops = OPS[provider]
-    cost = roofline.aal_kl(L, B, H, P + 1) + roofline.aal_kl(L, B, H, P + 1, backward=True)
+    cost = roofline.fwd_bwd(roofline.aal_kl, L, B, H, P + 1)
     measure(benchmark, _fwdbwd(lambda: ops.aal_kl_loss(cls, target), [cls, target]),
             group="aal", provider=provider, cost=cost)
 
@@ -64,7 +64,7 @@ def test_similarity_align(benchmark, provider, k):
     needs_cuda(provider)
     tokens, tokens_dv, text, _ = _inputs(k)
     ops = OPS[provider]
-    cost = roofline.similarity_align(B, P, E, k, ISZ) + roofline.similarity_align(B, P, E, k, ISZ, backward=True)
+    cost = roofline.fwd_bwd(roofline.similarity_align, B, P, E, k, ISZ)
     measure(benchmark, _fwdbwd(lambda: ops.similarity_align_loss(tokens, tokens_dv, text), [tokens, tokens_dv]),
             group=f"similarity-align K={k}", provider=provider, cost=cost)
 
@@ -78,7 +78,7 @@ def test_sls_mms(benchmark, provider, k):
     text = text.float()
     ops = OPS[provider]
     dist = ref.class_distribution(text)
-    cost = roofline.sls_mms(B, E, k, 4) + roofline.sls_mms(B, E, k, 4, backward=True)
+    cost = roofline.fwd_bwd(roofline.sls_mms, B, E, k, 4)
     measure(benchmark, _fwdbwd(lambda: ops.sls_mms_loss(feats, text, labels, dist), [feats]),
             group=f"sls-mms K={k}", provider=provider, cost=cost)
 
