@@ -138,3 +138,12 @@ def test_torch_fallback_matches_reference(monkeypatch):
     op = _sls(labels)
     check_op(lambda *a: op(*a, impl=ak.sls_mms_loss), lambda *a: op(*a, impl=ref.sls_mms_loss),
              [tokens[:, 0], text, ak.class_distribution(text)])
+
+
+def test_target_that_underflows_to_exact_zeros_matches_reference():
+    tokens = torch.randn(2, 30, 16, generator=gen(23))
+    text = unit(3, 16, 24)
+    labels = torch.tensor([0, 2])
+    out = check_op(ak.token_text_target, ref.token_text_target, [tokens, text], others=(labels,),
+                   kwargs=dict(temperature=1e-3))
+    assert (out[0] == 0).any() and torch.isfinite(out[0]).all()

@@ -59,6 +59,19 @@ def test_dual_path_matches_float64_loop(ls, mode):
     assert out.cls_attn.shape == (2, 2, 2, 17) and out.cls_attn.dtype == torch.float32
 
 
+def test_vit_b32_dual_path_matches_float64_loop():
+    torch.manual_seed(0)
+    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    model = AlignCLIPVisual(visual)        # the authors' defaults: 6 dual blocks, AAL on 0..4
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = model(images)
+    tokens, tokens_dv, cls = loop_reference(visual, images, 6, (0, 1, 2, 3, 4))
+    _close(out.tokens, tokens, rtol=1e-4, atol=1e-4)
+    _close(out.tokens_dv, tokens_dv, rtol=1e-4, atol=1e-4)
+    _close(out.cls_attn, cls, rtol=1e-4, atol=1e-6)
+
+
 def test_align_off_equals_stock_open_clip_vit_b32():
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-32", pretrained=None).eval()
