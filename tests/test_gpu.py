@@ -66,5 +66,7 @@ def test_similarity_align_peak_memory_is_independent_of_k():
         base = torch.cuda.memory_allocated()
         ak.similarity_align_loss(tokens, tokens_dv, text).backward()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - base - k * e * 2)
+        # Beyond the text itself, only the per-(b, c) softmax statistics [B, 3, K] fp32 grow
+        # with K; nothing of size [B, P, K] is ever allocated.
+        peaks.append(torch.cuda.max_memory_allocated() - base - k * e * 2 - 3 * b * k * 4)
     assert max(peaks) - min(peaks) < 1 << 20, peaks
