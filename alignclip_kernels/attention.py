@@ -9,7 +9,7 @@ For q, k, v of shape [B, H, N, D] and s = scale:
 
 Forward: one launch, FlashAttention-style online softmax in base 2; programs whose query block
 holds rows < R make a second pass over the keys with the final log-sum-exp to write their exact
-probabilities. `dv` is returned as a strided view of v when v's heads sit side by side
+probabilities, 16 rows at a time when R ≤ 16 (the CLS row costs a 16-row pass, not a block's). `dv` is returned as a strided view of v when v's heads sit side by side
 (stride(d) = 1, stride(h) = D: a view of a packed QKV projection), else written by the same
 launch.
 
@@ -86,27 +86,28 @@ def attention_configs(head_dim, dtype, device):
     """Launch configurations {"fwd", "bwd_kv", "bwd_q", "pre"}: dicts of block sizes and warps.
 
     Under the interpreter one small fixed configuration (no tuning); on CUDA by architecture
-    (sm_90 Hopper, sm_80 Ampere and others), head dim and dtype; fp32 runs exact FMA dots and
-    takes smaller tiles to stay within registers.
+    (sm_90 Hopper, sm_80 Ampere and others), head dim and dtype; fp32 runs three-pass TF32 dots
+    (wider operands) and takes smaller tiles to stay within registers.
     """
     block_d = max(16, next_pow2(head_dim))
     major = cuda_arch(device)
     if major is None:
         small = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
         return {"fwd": small, "bwd_kv": small, "bwd_q": small, "pre": small}
-    # Tiles sized from ptxas's reports (python -m alignclip_kernels.inspect): no spills, and
-    # registers well under 255 so that two or more CTAs stay resident per SM.
+    # Tiles sized from ptxas's reports (python -m alignclip_kernels.inspect): no spills and at
+    # least 8 resident warps per SM. Hopper keeps 4-warp forwards (one warpgroup per 64-row wgmma);
+    # Ampere's mma.sync forwards take 8 warps where 4 would sit at 255 registers.
     wide = block_d > 64
     stages = 3 if major >= 9 else 2
     if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones
         stages = 2
         tile = 16 if wide else 32
         fwd = dict(BLOCK_M=64 if not wide else 16, BLOCK_N=32 if not wide else 16,
-                   num_warps=4 if not wide else 8)
+                   num_warps=4 if not wide and major >= 9 else 8)
         kv = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
         qb = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
     else:
-        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide and major < 9 else 4)
         kv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4)
         qb = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4)
     pre = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -136,7 +137,7 @@ if HAS_TRITON:
         sob, son, sdvb, sdvn, srb, srh, srr,
         H, N, R, D, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
+        PROBE_M: tl.constexpr, WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid_bh, b, h, offs_m = _program(H, BLOCK_M)
         pid_m = tl.program_id(0)
@@ -175,17 +176,25 @@ if HAS_TRITON:
             tl.store(DV + b * sdvb + offs_m[:, None] * sdvn + h * D + offs_d[None, :], v_rows,
                      mask=io_mask)
         if pid_m * BLOCK_M < R:
-            r_mask = offs_m < R
+            # Exact probabilities of the probe rows, from the final log-sum-exp. PROBE_M rows at
+            # a time (16 for the CLS row alone, not the whole block): their q and LSE are read
+            # back, the LSE after a barrier since other threads of this program stored it.
+            tl.debug_barrier()
             RowA += b * srb + h * srh
-            for start_n in range(0, N, BLOCK_N):
-                offs_n = start_n + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < N
-                kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                             mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-                s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-                p = tl.exp2(s - lse[:, None])
-                tl.store(RowA + offs_m[:, None] * srr + offs_n[None, :], p,
-                         mask=r_mask[:, None] & n_mask[None, :])
+            r_end = tl.minimum(R, pid_m * BLOCK_M + BLOCK_M)
+            for r0 in range(pid_m * BLOCK_M, r_end, PROBE_M):
+                offs_r = r0 + tl.arange(0, PROBE_M)
+                r_mask = offs_r < r_end
+                q_r = _load_rows(Q, offs_r, sqn, offs_d, sqd, r_mask, d_mask)
+                lse_r = tl.load(Lse + pid_bh * N + offs_r, mask=r_mask, other=0.0)
+                for start_n in range(0, N, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    n_mask = offs_n < N
+                    kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                                 mask=d_mask[:, None] & n_mask[None, :], other=0.0)
+                    p = tl.exp2(tl.dot(q_r, kt, input_precision=PRECISION) * qk_scale - lse_r[:, None])
+                    tl.store(RowA + offs_r[:, None] * srr + offs_n[None, :], p,
+                             mask=r_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(
@@ -340,6 +349,7 @@ class _DualAttention(torch.autograd.Function):
             out.stride(0), out.stride(1), dv_arg.stride(0), dv_arg.stride(1), *row_strides,
             h, n, rows, d, scale * LOG2E,
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
+            PROBE_M=16 if rows <= 16 else cfg["BLOCK_M"],
             WRITE_DV=write_dv, PRECISION=dot_precision(q), **_launch_opts(cfg),
         )
         ctx.save_for_backward(q, k, v, out, lse, row_attn)
