@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from alignclip_kernels import fused_alignclip_attention
+from alignclip_kernels import fused_alignclip_attention, split_qkv
 
 
 class VisualOutput(NamedTuple):
@@ -79,7 +79,7 @@ class AlignCLIPVisual(torch.nn.Module):
         b, n, c = x.shape
         h = attn.num_heads
         qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).view(b, n, 3, h, c // h)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        q, k, v = split_qkv(qkv)
         return self.attention(q, k, v, return_dv=dual, return_cls_attn=probe)
 
     def _out_proj(self, block, out, dv):

@@ -5,7 +5,7 @@ PyTorch path with the same semantics anywhere else; `backend(device)` says which
 """
 from ._runtime import backend
 from .aal_kl import aal_kl_loss
-from .attention import dual_attention, fused_alignclip_attention
+from .attention import dual_attention, fused_alignclip_attention, split_qkv
 from .similarity_align import similarity_align_loss
 from .sls_mms import class_distribution, sls_mms_loss
 from .token_text_target import token_text_target
@@ -18,5 +18,6 @@ __all__ = [
     "fused_alignclip_attention",
     "similarity_align_loss",
     "sls_mms_loss",
+    "split_qkv",
     "token_text_target",
 ]

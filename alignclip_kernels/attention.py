@@ -65,6 +65,64 @@ def _merged_view(v):
     return v.as_strided((b, n, h * d), (v.stride(0), v.stride(2), 1), v.storage_offset())
 
 
+def _is_packed(q, k, v):
+    """True when q, k, v are the three [B, H, N, D] views of one packed [B, N, 3, H, D] buffer."""
+    b, h, n, d = q.shape
+    packed = (3 * h * n * d, d, 3 * h * d, 1)
+    strides_ok = all(x.stride() == packed or (b == 1 and x.stride()[1:] == packed[1:])
+                     for x in (q, k, v))
+    if not strides_ok or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() or \
+            q.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+        return False
+    return (k.storage_offset() - q.storage_offset() == h * d
+            and v.storage_offset() - q.storage_offset() == 2 * h * d)
+
+
+def _packed_views(packed):
+    """[B, N, 3, H, D] -> its q, k, v views [B, H, N, D]."""
+    return tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
+
+
+class _SplitQKV(torch.autograd.Function):
+    """q, k, v views of a packed projection whose gradient returns as one packed tensor.
+
+    Autograd's own view backward would zero-fill a full-size buffer per view, copy each slice
+    in and add the three; when the attention backward wrote dq, dk, dv into one packed buffer
+    (it does, for packed inputs) that buffer is returned as it is.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv):
+        ctx.set_materialize_grads(False)
+        return _packed_views(qkv)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        grads = (dq, dk, dv)
+        if all(g is not None for g in grads) and _is_packed(*grads) and dq.storage_offset() == 0:
+            b, h, n, d = dq.shape
+            return dq.as_strided((b, n, 3, h, d), (3 * n * h * d, 3 * h * d, h * d, d, 1), 0)
+        ref = next(g for g in grads if g is not None)
+        b, h, n, d = ref.shape
+        out = torch.empty((b, n, 3, h, d), dtype=ref.dtype, device=ref.device)
+        for view, g in zip(_packed_views(out), grads):
+            view.copy_(g) if g is not None else view.zero_()
+        return out
+
+
+def split_qkv(qkv):
+    """q, k, v [B, H, N, D] views of a packed QKV projection `qkv` [B, N, 3, H, D], no copy.
+
+    Feed them to `dual_attention` / `fused_alignclip_attention`: the gradient of `qkv` then
+    comes back as the one packed buffer the attention backward writes, with no zero fills,
+    slice copies or adds.
+    """
+    _checks.tensor("qkv", qkv, 5, "[B, N, 3, H, D]")
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape [B, N, 3, H, D], got {tuple(qkv.shape)}")
+    return _SplitQKV.apply(qkv)
+
+
 def _torch_dual_attention(q, k, v, rows, scale, return_dv):
     """CPU fallback: SDPA for the output, only the R probe rows' scores materialised."""
     b, h, n, d = q.shape
@@ -381,7 +439,10 @@ class _DualAttention(torch.autograd.Function):
             h, n, rows, d, **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
             HAS_DROW=has_drow, **_launch_opts(cfg),
         )
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if _is_packed(q, k, v):   # one packed gradient buffer, handed on by split_qkv as is
+            dq, dk, dv = _packed_views(torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device))
+        else:
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         precision = dot_precision(q)
         cfg = cfgs["bwd_kv"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](

@@ -144,3 +144,39 @@ def test_bad_input_is_refused_by_name(call, exc, match):
     q, k, v = separate(1, 2, 5, 32)
     with pytest.raises(exc, match=match):
         call(q, k, v)
+
+
+def test_split_qkv_gradient_is_the_packed_buffer_the_kernel_wrote(monkeypatch):
+    from alignclip_kernels import attention
+
+    (qkv,), _ = packed(2, 13, 3, 32)
+    returned = []
+    real = attention._SplitQKV.backward
+
+    def spy(ctx, dq, dk, dv):
+        grad = real(ctx, dq, dk, dv)
+        returned.append((grad.data_ptr() == dq.data_ptr(), attention._is_packed(dq, dk, dv)))
+        return grad
+
+    monkeypatch.setattr(attention._SplitQKV, "backward", staticmethod(spy))
+    out = check_op(ak.dual_attention, ref.dual_attention, [qkv],
+                   make_leaves=lambda xs: list(ak.split_qkv(xs[0])) if xs[0].dtype != torch.float64
+                   else [xs[0][:, :, i].transpose(1, 2) for i in range(3)], kwargs=dict(rows=2))
+    assert out[1]._base is not None               # dv still a view of the packed projection
+    assert returned == [(True, True)], "the packed gradient must be handed on without a copy"
+
+
+def test_split_qkv_assembles_when_gradients_are_not_packed(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")    # SDPA's backward returns separate buffers
+    (qkv,), views = packed(1, 7, 2, 32)
+    check_op(ak.fused_alignclip_attention, ref.fused_alignclip_attention, [qkv],
+             make_leaves=lambda xs: list(ak.split_qkv(xs[0])) if xs[0].dtype != torch.float64
+             else views(xs))
+    leaf = qkv.clone().requires_grad_()
+    q, k, v = ak.split_qkv(leaf)
+    (k.sum() * 2).backward()                        # only k receives a gradient
+    want = torch.zeros_like(leaf)
+    want[:, :, 1] = 2.0
+    torch.testing.assert_close(leaf.grad, want)
+    with pytest.raises(ValueError, match="qkv must have shape"):
+        ak.split_qkv(qkv[:, :, :2])
