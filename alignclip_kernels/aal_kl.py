@@ -1,7 +1,7 @@
 r"""Attention Alignment Loss: KL(G ‖ A) over patches (SPEC.md section 3).
 
     m_l  = mean_h cls_attn[l, b, h, 1:]                 (drop the CLS key)
-    a_l  = m_l / max(Σ_n m_l, tiny)                     (L1 renormalisation per layer)
+    a_l  = m_l / Σ_n m_l, or 0 when Σ_n m_l < tiny       (L1 renormalisation per layer)
     A    = max(mean_l a_l, tiny)
     loss = (1/B) Σ_b Σ_n [G > 0] G (log max(G, tiny)) − G log A
 
@@ -9,7 +9,7 @@ Forward: one launch, a program per image looping over L and H (atomic add of the
 Backward: one launch; d(cls_attn) is the same for every head and zero on the CLS key:
 
     dA_n  = −g G_n / (B A_n) · [mean_l a_l ≥ tiny],      da_l = dA / L
-    dm_l  = (da_l − [Σ m_l ≥ tiny] Σ_n da_l,n a_l,n) / max(Σ m_l, tiny)
+    dm_l  = [Σ m_l ≥ tiny] (da_l − Σ_n da_l,n a_l,n) / Σ m_l
     d cls_attn[l, b, h, 1 + n] = dm_l,n / H
     dG_n  = g ([G_n > 0] (log max(G_n, tiny) + [G_n ≥ tiny]) − log A_n) / B
 """
@@ -28,6 +28,11 @@ TINY = reference.TINY
 if HAS_TRITON:
 
     @triton.jit
+    def _safe(total, tiny):
+        """A denominator for the non-degenerate branch only (1 where the layer is degenerate)."""
+        return tl.where(total >= tiny, total, 1.0)
+
+    @triton.jit
     def _layer_patch_attention(A_ptr, sal, sah, san, layer, offs_p, p_mask, H, tiny):
         """Head-mean CLS attention on the patches of one layer, its sum, and its L1 renormalisation."""
         m = tl.zeros(offs_p.shape, tl.float32)
@@ -36,7 +41,7 @@ if HAS_TRITON:
                          other=0.0).to(tl.float32)
         m = m / H
         total = tl.sum(m, 0)
-        return m / tl.maximum(total, tiny), total
+        return tl.where(total >= tiny, m / _safe(total, tiny), 0.0), total
 
     @triton.jit
     def _layer_mean(A_ptr, sal, sah, san, offs_p, p_mask, L, H, tiny):
@@ -77,8 +82,7 @@ if HAS_TRITON:
         DAttn += b * dab
         for layer in range(L):
             a, total = _layer_patch_attention(Attn, sal, sah, san, layer, offs_p, p_mask, H, tiny)
-            keep = tl.where(total >= tiny, 1.0, 0.0)
-            dm = (da - keep * tl.sum(da * a, 0)) / tl.maximum(total, tiny) / H
+            dm = tl.where(total >= tiny, (da - tl.sum(da * a, 0)) / _safe(total, tiny) / H, 0.0)
             for h in range(H):
                 row = DAttn + layer * dal + h * dah
                 tl.store(row + (offs_p + 1) * dan, dm, mask=p_mask)

@@ -6,8 +6,9 @@ to them, values and gradients. Statistics are computed in at least float32 whate
 dtype; a float64 input stays float64 all the way through.
 
 Two choices where SPEC.md leaves the edge open (the fused kernels make the same ones):
-- `aal_kl_loss`: the per-layer L1 renormalisation divides by max(sum, float32 tiny), so a CLS
-  row that puts all its mass on the CLS key gives a finite loss rather than 0/0.
+- `aal_kl_loss`: a layer whose patch attention sums below float32 tiny (the CLS row put all its
+  mass on the CLS key) is degenerate: its renormalised row is taken as 0, with zero gradient,
+  rather than 0/0 (or a gradient of order 1/tiny that overflows fp32).
 - `aal_kl_loss`: the gradient of G·log G at G = 0 is taken as 0 (the 0·log 0 = 0 convention
   extended to the derivative), so a target with exact zeros has a finite gradient.
 """
@@ -65,7 +66,8 @@ def aal_kl_loss(cls_attn, target):
     """KL(G || A) batchmean, A the layer-mean of the L1-renormalised head-mean patch attention."""
     sd = _stat_dtype(cls_attn.dtype)
     m = cls_attn.to(sd)[..., 1:].mean(dim=2)                     # [L, B, P]
-    a = m / m.sum(dim=-1, keepdim=True).clamp_min(TINY)
+    total = m.sum(dim=-1, keepdim=True)
+    a = torch.where(total >= TINY, m / total.clamp_min(TINY), torch.zeros_like(m))
     attn = a.mean(dim=0).clamp_min(TINY)                         # [B, P]
     g = target.to(sd)
     return (_xlogx(g) - g * attn.log()).sum() / g.shape[0]

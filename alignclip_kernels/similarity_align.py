@@ -31,14 +31,13 @@ EPS = reference.NORM_EPS
 def similarity_configs(device, dtype, backward=False):
     if cuda_arch(device) is None:
         return dict(BLOCK_P=32, BLOCK_K=16, BLOCK_E=32, num_warps=4, num_stages=1)
-    # The backward holds two [BLOCK_P, BLOCK_E] accumulators beside the recomputed tiles, and
-    # fp32 (tf32x3) operands are twice as wide: smaller tiles and more warps keep both from
-    # spilling (ptxas, sm_90a and sm_80; see `inspect`).
+    # The backward holds two [BLOCK_P, BLOCK_E] accumulators beside the recomputed tiles of both
+    # paths: 16-row tiles keep it at about 125-155 registers and 12-16 resident warps per SM for
+    # every dtype; fp32 (tf32x3) operands are twice as wide, so its forward tiles are smaller
+    # (ptxas, sm_90a and sm_80; see `inspect`).
     wide = dtype == torch.float32
-    if backward and wide:
-        return dict(BLOCK_P=16, BLOCK_K=32, BLOCK_E=32, num_warps=4, num_stages=2)
     if backward:
-        return dict(BLOCK_P=32, BLOCK_K=32, BLOCK_E=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_P=16, BLOCK_K=32, BLOCK_E=32, num_warps=4, num_stages=2)
     return dict(BLOCK_P=32 if wide else 64, BLOCK_K=32, BLOCK_E=32 if wide else 64, num_warps=4,
                 num_stages=2 if wide else 3)
 
@@ -58,9 +57,9 @@ if HAS_TRITON:
         return 1.0 / tl.maximum(nt, eps), nt
 
     @triton.jit
-    def _cosine_tiles(Tok, TokDv, Text, offs_p, p_mask, offs_k, k_mask, E, stp, ste, sxk, sxe,
-                      BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                      PRECISION: tl.constexpr):
+    def _cosine_tiles(Tok, TokDv, Text, offs_p, p_mask, offs_k, k_mask, E, stp, ste, svp, sve,
+                      sxk, sxe, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
         """Raw dot tiles [BLOCK_P, BLOCK_K] of both paths with the text block, and row sums of squares."""
         s = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
         s_dv = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
@@ -69,10 +68,10 @@ if HAS_TRITON:
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_mask = offs_e < E
-            u_off = offs_p[:, None] * stp + offs_e[None, :] * ste
             u_mask = p_mask[:, None] & e_mask[None, :]
-            u = tl.load(Tok + u_off, mask=u_mask, other=0.0)
-            u_dv = tl.load(TokDv + u_off, mask=u_mask, other=0.0)
+            u = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=u_mask, other=0.0)
+            u_dv = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=u_mask,
+                           other=0.0)
             tt = tl.load(Text + offs_e[:, None] * sxe + offs_k[None, :] * sxk,
                          mask=e_mask[:, None] & k_mask[None, :], other=0.0)
             s += tl.dot(u, tt, input_precision=PRECISION)
@@ -85,7 +84,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sim_fwd_kernel(
-        Tok, TokDv, Text, Stats, Loss, stb, stp, ste, sxk, sxe, P, K, E, inv_b, eps,
+        Tok, TokDv, Text, Stats, Loss, stb, stp, ste, svb, svp, sve, sxk, sxe, P, K, E, inv_b, eps,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -100,8 +99,8 @@ if HAS_TRITON:
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_mask = offs_p < P
             s, s_dv, uu, uu_dv = _cosine_tiles(
-                Tok + b * stb, TokDv + b * stb, Text, offs_p, p_mask, offs_k, k_mask, E, stp,
-                ste, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
+                Tok + b * stb, TokDv + b * svb, Text, offs_p, p_mask, offs_k, k_mask, E, stp,
+                ste, svp, sve, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
             s = s / tl.maximum(tl.sqrt(uu), eps)[:, None] * inv_nt[None, :]
             s_dv = s_dv / tl.maximum(tl.sqrt(uu_dv), eps)[:, None] * inv_nt[None, :]
             row = p_mask[:, None]
@@ -119,8 +118,8 @@ if HAS_TRITON:
         tl.atomic_add(Loss, tl.sum(kl, 0) * inv_b)
 
     @triton.jit
-    def _sim_grad_tiles(Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, sxk, sxe,
-                        inv_nu, inv_nu_dv, g, eps,
+    def _sim_grad_tiles(Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve,
+                        sxk, sxe, inv_nu, inv_nu_dv, g, eps,
                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                         PRECISION: tl.constexpr):
         """Cosine tiles S, S_dv and their gradients dS, dS_dv for one class block."""
@@ -128,7 +127,7 @@ if HAS_TRITON:
         k_mask = offs_k < K
         inv_nt, _ = _text_inv_norms(Text, offs_k, k_mask, E, sxk, sxe, eps, BLOCK_K, BLOCK_E)
         s, s_dv, _, _ = _cosine_tiles(Tok, TokDv, Text, offs_p, p_mask, offs_k, k_mask, E, stp,
-                                      ste, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
+                                      ste, svp, sve, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
         s = s * inv_nu[:, None] * inv_nt[None, :]
         s_dv = s_dv * inv_nu_dv[:, None] * inv_nt[None, :]
         l_p = tl.load(Stats + offs_k, mask=k_mask, other=1.0)
@@ -145,7 +144,7 @@ if HAS_TRITON:
     @triton.jit
     def _sim_bwd_kernel(
         Tok, TokDv, Text, Stats, DLoss, DTok, DTokDv, GText,
-        stb, stp, ste, sxk, sxe, sdb, sdp, P, K, E, inv_b, eps,
+        stb, stp, ste, svb, svp, sve, sxk, sxe, sdb, sdp, P, K, E, inv_b, eps,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
         PRECISION: tl.constexpr, TEXT_GRAD: tl.constexpr,
     ):
@@ -154,7 +153,7 @@ if HAS_TRITON:
         p_mask = offs_p < P
         g = tl.load(DLoss).to(tl.float32) * inv_b
         Tok += b * stb
-        TokDv += b * stb
+        TokDv += b * svb
         Stats += b * 3 * K
         uu = tl.zeros([BLOCK_P], tl.float32)
         uu_dv = tl.zeros([BLOCK_P], tl.float32)
@@ -163,7 +162,7 @@ if HAS_TRITON:
             mask = p_mask[:, None] & (offs_e < E)[None, :]
             u = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
                         other=0.0).to(tl.float32)
-            u_dv = tl.load(TokDv + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
+            u_dv = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=mask,
                            other=0.0).to(tl.float32)
             uu += tl.sum(u * u, 1)
             uu_dv += tl.sum(u_dv * u_dv, 1)
@@ -176,8 +175,8 @@ if HAS_TRITON:
         r_dv = tl.zeros([BLOCK_P], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             s, s_dv, ds, ds_dv, _, _, _ = _sim_grad_tiles(
-                Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, sxk, sxe, inv_nu,
-                inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
+                Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve, sxk, sxe,
+                inv_nu, inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
             r += tl.sum(ds * s, 1)
             r_dv += tl.sum(ds_dv * s_dv, 1)
         r = tl.where(nu >= eps, r, 0.0)
@@ -188,14 +187,14 @@ if HAS_TRITON:
             mask = p_mask[:, None] & e_mask[None, :]
             u_hat = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
                             other=0.0).to(tl.float32) * inv_nu[:, None]
-            u_dv_hat = tl.load(TokDv + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
+            u_dv_hat = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=mask,
                                other=0.0).to(tl.float32) * inv_nu_dv[:, None]
             acc = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)
             acc_dv = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 _, _, ds, ds_dv, offs_k, k_mask, inv_nt = _sim_grad_tiles(
-                    Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, sxk, sxe,
-                    inv_nu, inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
+                    Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve, sxk,
+                    sxe, inv_nu, inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
                 t_hat = tl.load(Text + offs_k[:, None] * sxk + offs_e[None, :] * sxe,
                                 mask=k_mask[:, None] & e_mask[None, :],
                                 other=0.0).to(tl.float32) * inv_nt[:, None]
@@ -248,7 +247,8 @@ class _SimilarityAlign(torch.autograd.Function):
         stats = torch.empty((b, 3, k), dtype=torch.float32, device=tokens.device)
         loss = torch.zeros((), dtype=torch.float32, device=tokens.device)
         _sim_fwd_kernel[(b, triton.cdiv(k, cfg["BLOCK_K"]))](
-            tokens, tokens_dv, text, stats, loss, *tokens.stride(), *text.stride(), p, k, e,
+            tokens, tokens_dv, text, stats, loss, *tokens.stride(), *tokens_dv.stride(),
+            *text.stride(), p, k, e,
             1.0 / b, EPS, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
             PRECISION=dot_precision(tokens), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         ctx.save_for_backward(tokens, tokens_dv, text, stats)
@@ -267,7 +267,7 @@ class _SimilarityAlign(torch.autograd.Function):
                   else stats)
         _sim_bwd_kernel[(b, triton.cdiv(p, cfg["BLOCK_P"]))](
             tokens, tokens_dv, text, stats, dloss, dtok, dtok_dv, g_text, *tokens.stride(),
-            *text.stride(), dtok.stride(0), dtok.stride(1), p, k, e, 1.0 / b, EPS,
+            *tokens_dv.stride(), *text.stride(), dtok.stride(0), dtok.stride(1), p, k, e, 1.0 / b, EPS,
             BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
             PRECISION=dot_precision(tokens), TEXT_GRAD=text_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dtext = None
@@ -297,7 +297,4 @@ def similarity_align_loss(tokens, tokens_dv, text):
     _check(tokens, tokens_dv, text)
     if not runs_triton(tokens):
         return reference.similarity_align_loss(tokens, tokens_dv, text)
-    if tokens_dv.stride() != tokens.stride():
-        tokens_dv = tokens_dv.contiguous()
-        tokens = tokens.contiguous()
     return _SimilarityAlign.apply(tokens, tokens_dv, text)

@@ -39,11 +39,14 @@ def test_aal_kl_loss(n_layers, b, h, n):
     check_op(ak.aal_kl_loss, ref.aal_kl_loss, [_cls_rows(n_layers, b, h, n, 3), target])
 
 
-def test_aal_all_mass_on_cls_stays_finite():
+@pytest.mark.parametrize("seed", range(10))
+def test_aal_all_mass_on_cls_stays_finite(seed):
     attn = torch.zeros(2, 2, 2, 6)
-    attn[..., 0] = 1.0     # patch attention underflowed to exactly 0
-    attn[1, 1] = torch.softmax(torch.randn(2, 6, generator=gen(5)), -1)
-    check_op(ak.aal_kl_loss, ref.aal_kl_loss, [attn, torch.softmax(torch.randn(2, 5), -1)])
+    attn[..., 0] = 1.0     # patch attention underflowed to exactly 0: degenerate layers
+    attn[1, 1] = torch.softmax(torch.randn(2, 6, generator=gen(seed)), -1)
+    target = torch.softmax(torch.randn(2, 5, generator=gen(100 + seed)), -1)
+    out = check_op(ak.aal_kl_loss, ref.aal_kl_loss, [attn, target])
+    assert torch.isfinite(out[0])
 
 
 @pytest.mark.parametrize("b,p,e,k", [(3, 23, 40, 5), (1, 1, 16, 1), (2, 70, 50, 37)])
@@ -147,3 +150,11 @@ def test_target_that_underflows_to_exact_zeros_matches_reference():
     out = check_op(ak.token_text_target, ref.token_text_target, [tokens, text], others=(labels,),
                    kwargs=dict(temperature=1e-3))
     assert (out[0] == 0).any() and torch.isfinite(out[0]).all()
+
+
+def test_similarity_align_with_different_strides_per_path():
+    base = torch.randn(2, 11, 3, 24, generator=gen(25))
+    tokens = base[:, :, 0]                                     # rows 3·E apart
+    tokens_dv = torch.randn(2, 24, 11, generator=gen(26)).transpose(1, 2)   # E-major
+    assert tokens.stride() != tokens_dv.stride()
+    check_op(ak.similarity_align_loss, ref.similarity_align_loss, [tokens, tokens_dv, unit(4, 24, 27)])
