@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import open_clip
 import torch
+from open_clip.pretrained import get_pretrained_cfg
 import torch.distributed as dist
 from tqdm import tqdm
 
@@ -91,7 +92,11 @@ def build_clip(cfg, device):
     if m["arch"] not in open_clip.list_models():
         raise RunError(f"model.arch {m['arch']!r} is not an open_clip model; e.g. ViT-B-16, ViT-B-32, "
                        f"ViT-L-14, ViT-H-14, AlignCLIP-Tiny")
-    clip = open_clip.create_model(m["arch"], pretrained=m["pretrained"], device=device)
+    # OpenAI's weights were trained with QuickGELU; open_clip builds e.g. ViT-B-16 with GELU and
+    # only warns on the mismatch, so take the activation from the pretrained tag itself.
+    tag = get_pretrained_cfg(m["arch"], m["pretrained"]) if m["pretrained"] else {}
+    clip = open_clip.create_model(m["arch"], pretrained=m["pretrained"], device=device,
+                                  force_quick_gelu=bool(tag.get("quick_gelu", False)))
     clip.eval().requires_grad_(False)
     clip.visual.requires_grad_(True)
     return clip, open_clip.get_tokenizer(m["arch"])

@@ -174,3 +174,23 @@ def test_missing_dataset_folder_is_refused_at_start(tmp_path, capsys):
                      "--set", "model.pretrained=null", "--set", "train.device=cpu",
                      "--output-dir", str(tmp_path / "out")]) == 2
     assert f"dataset folder {tmp_path}/PACS does not exist" in capsys.readouterr().err
+
+
+def test_openai_weights_get_quickgelu(monkeypatch):
+    import open_clip
+
+    from alignclip.train import build_clip
+
+    seen = {}
+    real = open_clip.create_model
+
+    def fake_create_model(arch, pretrained=None, device=None, force_quick_gelu=False):
+        seen[(arch, pretrained)] = force_quick_gelu
+        return real("AlignCLIP-Tiny", pretrained=None)
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create_model)
+    build_clip({"model": {"arch": "ViT-B-16", "pretrained": "openai"}}, "cpu")
+    build_clip({"model": {"arch": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"}}, "cpu")
+    build_clip({"model": {"arch": "ViT-B-16", "pretrained": None}}, "cpu")
+    assert seen == {("ViT-B-16", "openai"): True, ("ViT-B-16", "laion2b_s34b_b88k"): False,
+                    ("ViT-B-16", None): False}
