@@ -56,7 +56,7 @@ class BetaMovingAverage:
             if t.is_floating_point():
                 groups.setdefault((t.device, t.dtype), ([], []))
                 groups[(t.device, t.dtype)][0].append(dst[name])
-                groups[(t.device, t.dtype)][1].append(t)
+                groups[(t.device, t.dtype)][1].append(t.detach())   # shares storage: stays current
             else:
                 copies.append((dst[name], t))
         return list(groups.values()), copies
@@ -72,7 +72,7 @@ class BetaMovingAverage:
         self.weight_sum += w
         groups, copies = self._pairs
         for averaged, current in groups:
-            torch._foreach_lerp_(averaged, [c.detach() for c in current], ratio / (1.0 + ratio))
+            torch._foreach_lerp_(averaged, current, ratio / (1.0 + ratio))
         for averaged, current in copies:
             averaged.copy_(current)
 

@@ -31,6 +31,13 @@ class AlignCLIPLoss(torch.nn.Module):
         self.alpha, self.logit_scale, self.epsilon = alpha, logit_scale, epsilon
         self.aloss, self.temperature, self.align = aloss, temperature, align
 
+    def _text_as(self, dtype):
+        """The text features in the tokens' dtype, cast once per dtype and device, not per step."""
+        key = (dtype, self.text.device)
+        if getattr(self, "_cast", (None, None))[0] != key:
+            self._cast = (key, self.text.to(dtype))
+        return self._cast[1]
+
     def forward(self, out, labels):
         # The SLS logits are scaled by 100: keep them in fp32 (a [B, E] cast), whatever autocast did.
         image_features = out.tokens[:, 0].float()
@@ -40,7 +47,7 @@ class AlignCLIPLoss(torch.nn.Module):
         if not self.align:
             return LossTerms(sls, sls, zero, zero, logits)
         patches, patches_dv = out.tokens[:, 1:], out.tokens_dv[:, 1:]
-        text = self.text.to(patches.dtype)
+        text = self._text_as(patches.dtype)
         sim = self.ops.similarity_align_loss(patches, patches_dv, text)
         aal = zero
         if out.cls_attn is not None:

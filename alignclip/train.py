@@ -196,23 +196,29 @@ class Trainer:
         amp = self.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             terms = self.loss_fn(self.net(images), labels)
-        for name in ("sls", "aal", "sim_align", "total"):
-            value = getattr(terms, name)
-            if not torch.isfinite(value):
-                raise RunError(f"step {self.step + 1}: loss term {name} is not finite ({value.item()}); "
-                               f"the last checkpoint ({self.checkpoint_path}) is kept")
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        grads = [p.grad for p in self.model.visual.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
-        if norm is not None and not torch.isfinite(norm):
-            raise RunError(f"step {self.step + 1}: the gradient is not finite (loss terms were finite); "
-                           f"the last checkpoint ({self.checkpoint_path}) is kept")
+        self._check_finite(terms)
         self.optimizer.step()
         self.scheduler.step()
         self.bma.update()
         self.step += 1
         return terms
+
+    def _check_finite(self, terms):
+        """One host sync per step: the loss terms and the gradient norm checked together."""
+        names = ("sls", "aal", "sim_align", "total")
+        values = [getattr(terms, name).detach().float() for name in names]
+        grads = [p.grad for p in self.model.visual.parameters() if p.grad is not None]
+        if grads:
+            values.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float())
+        finite = torch.isfinite(torch.stack(values)).tolist()
+        keep = f"the last checkpoint ({self.checkpoint_path}) is kept"
+        for name, value, ok in zip(names, values, finite):
+            if not ok:
+                raise RunError(f"step {self.step + 1}: loss term {name} is not finite ({value.item()}); {keep}")
+        if not all(finite):
+            raise RunError(f"step {self.step + 1}: the gradient is not finite (loss terms were finite); {keep}")
 
     # -- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

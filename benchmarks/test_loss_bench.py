@@ -27,60 +27,49 @@ def _inputs(k, seed=0):
     return tokens, tokens_dv, text, labels
 
 
-def _fwdbwd(loss_fn, leaves):
-    def fn():
-        out = loss_fn()
-        out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.grad(out.float().square().sum() if out.dim() else out, leaves)
-    return fn
-
-
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("provider", list(OPS))
-def test_target(benchmark, provider, k):
-    needs_cuda(provider)
+def _target_case(ops, k):
     tokens, _, text, labels = _inputs(k)
-    ops = OPS[provider]
-    cost = roofline.fwd_bwd(roofline.token_text_target, B, P, E, ISZ)
-    measure(benchmark, _fwdbwd(lambda: ops.token_text_target(tokens, text, labels), [tokens]),
-            group=f"target K={k}", provider=provider, cost=cost)
+    return (lambda: ops.token_text_target(tokens, text, labels).square().sum(), [tokens],
+            roofline.fwd_bwd(roofline.token_text_target, B, P, E, ISZ))
 
 
-@pytest.mark.parametrize("provider", list(OPS))
-def test_aal(benchmark, provider):
-    needs_cuda(provider)
+def _aal_case(ops, k):
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     cls = torch.softmax(torch.randn(L, B, H, P + 1, device=DEVICE, generator=gen), -1).requires_grad_()
     target = torch.softmax(torch.randn(B, P, device=DEVICE, generator=gen), -1).requires_grad_()
-    ops = OPS[provider]
-    cost = roofline.fwd_bwd(roofline.aal_kl, L, B, H, P + 1)
-    measure(benchmark, _fwdbwd(lambda: ops.aal_kl_loss(cls, target), [cls, target]),
-            group="aal", provider=provider, cost=cost)
+    return (lambda: ops.aal_kl_loss(cls, target), [cls, target],
+            roofline.fwd_bwd(roofline.aal_kl, L, B, H, P + 1))
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("provider", list(OPS))
-def test_similarity_align(benchmark, provider, k):
-    needs_cuda(provider)
+def _similarity_case(ops, k):
     tokens, tokens_dv, text, _ = _inputs(k)
-    ops = OPS[provider]
-    cost = roofline.fwd_bwd(roofline.similarity_align, B, P, E, k, ISZ)
-    measure(benchmark, _fwdbwd(lambda: ops.similarity_align_loss(tokens, tokens_dv, text), [tokens, tokens_dv]),
-            group=f"similarity-align K={k}", provider=provider, cost=cost)
+    return (lambda: ops.similarity_align_loss(tokens, tokens_dv, text), [tokens, tokens_dv],
+            roofline.fwd_bwd(roofline.similarity_align, B, P, E, k, ISZ))
 
 
-@pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("provider", list(OPS))
-def test_sls_mms(benchmark, provider, k):
-    needs_cuda(provider)
+def _sls_case(ops, k):
     tokens, _, text, labels = _inputs(k)
     feats = tokens[:, 0].detach().float().requires_grad_()
     text = text.float()
-    ops = OPS[provider]
     dist = ref.class_distribution(text)
-    cost = roofline.fwd_bwd(roofline.sls_mms, B, E, k, 4)
-    measure(benchmark, _fwdbwd(lambda: ops.sls_mms_loss(feats, text, labels, dist), [feats]),
-            group=f"sls-mms K={k}", provider=provider, cost=cost)
+    return (lambda: ops.sls_mms_loss(feats, text, labels, dist)[0], [feats],
+            roofline.fwd_bwd(roofline.sls_mms, B, E, k, 4))
+
+
+# group: (case builder, class counts); aal does not depend on K
+CASES = {"target": (_target_case, KS), "aal": (_aal_case, [None]),
+         "similarity-align": (_similarity_case, KS), "sls-mms": (_sls_case, KS)}
+
+
+@pytest.mark.parametrize("op,k", [(op, k) for op, (_, ks) in CASES.items() for k in ks])
+@pytest.mark.parametrize("provider", list(OPS))
+def test_loss(benchmark, provider, op, k):
+    """Forward + backward of one loss op: a scalar out, gradients of its floating inputs."""
+    needs_cuda(provider)
+    loss_fn, leaves, cost = CASES[op][0](OPS[provider], k)
+    group = op if k is None else f"{op} K={k}"
+    measure(benchmark, lambda: torch.autograd.grad(loss_fn(), leaves), group=group,
+            provider=provider, cost=cost)
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])

@@ -158,3 +158,15 @@ def test_similarity_align_with_different_strides_per_path():
     tokens_dv = torch.randn(2, 24, 11, generator=gen(26)).transpose(1, 2)   # E-major
     assert tokens.stride() != tokens_dv.stride()
     check_op(ak.similarity_align_loss, ref.similarity_align_loss, [tokens, tokens_dv, unit(4, 24, 27)])
+
+
+def test_float64_inputs_keep_float64_on_every_backend():
+    """The Triton kernels compute in fp32; float64 inputs take the PyTorch path everywhere, so a
+    float64 caller gets the reference's float64 results whichever backend is active."""
+    tokens = torch.randn(2, 7, 16, dtype=torch.float64, generator=gen(28))
+    text = unit(3, 16, 29).double()
+    labels = torch.tensor([0, 2])
+    got = ak.similarity_align_loss(tokens, tokens.flip(1), text)
+    assert got.dtype == torch.float64
+    assert got.item() == ref.similarity_align_loss(tokens, tokens.flip(1), text).item()
+    assert ak.token_text_target(tokens, text, labels).dtype == torch.float64
