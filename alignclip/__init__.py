@@ -1,4 +1,5 @@
-"""AlignCLIP training on open_clip with the fused ops of `alignclip_kernels`."""
+"""AlignCLIP training on open_clip, timm or transformers towers with the fused ops of
+`alignclip_kernels`."""
 from .bma import BetaMovingAverage
 from .losses import AlignCLIPLoss, LossTerms
 from .model import AlignCLIPVisual, VisualOutput

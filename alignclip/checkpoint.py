@@ -1,34 +1,72 @@
-"""Atomic checkpoints: a run killed while writing leaves the previous file loadable."""
+"""Checkpoints: written atomically (a run killed while writing leaves the previous file loadable),
+read with `torch.load(weights_only=True)`, every failure a one-line `RunError`."""
+import errno
 import os
-import random
 
-import numpy as np
 import torch
+
+FORMAT = 2   # bumped when the checkpoint's keys change
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on; the message is one line for the user."""
 
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
+        raise RunError(f"cannot write {path}: {reason}; the previous file, if any, is kept") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fd = os.open(folder, os.O_RDONLY)
+
+
+def load(path, map_location="cpu", required=("step", "config", "visual")):
+    """A checkpoint's dict, or a RunError saying what is wrong with the file."""
+    if os.path.isdir(path):
+        raise RunError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path}/last.pt)")
+    if not os.path.exists(path):
+        raise RunError(f"checkpoint {path} does not exist")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated file, another format, or not a checkpoint at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"checkpoint {path} cannot be read (truncated, or not a checkpoint): "
+                       f"{first[:200]}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunError(f"checkpoint {path} is not an AlignCLIP run checkpoint (lacks {', '.join(missing)})")
+    return state
+
+
+def load_weights(module, weights, path, what):
+    """`module.load_state_dict(weights)`, refusing weights of another architecture in one line."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc).splitlines()[0]
+        raise RunError(f"checkpoint {path}: its {what} weights are for another architecture than "
+                       f"this configuration's ({detail.strip()[:200]})") from None
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch RNG states (data order and augmentation are pure functions of the step)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -36,7 +74,5 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

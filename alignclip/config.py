@@ -1,162 +1,289 @@
-"""Run configuration: YAML over the authors' defaults (SPEC.md section 8), validated.
+"""Run configuration: typed dataclasses whose defaults are the authors' settings (their `main.py`
+and `scripts/*.sh`), YAML files over them, and `--set section.key=value` overrides.
 
-Unknown keys and wrong types are errors that list what is allowed. `--set a.b=value` parses
-`value` as YAML (numbers, booleans, lists, null).
+A YAML file may also hold `per_dataset: {Name: {section: {key: value}}}` and
+`per_target: {index: {...}}`: settings that apply only when `data.dataset` is that data set or
+`data.targets` is that single target (e.g. the open-class epochs per data set, or the
+in-the-wild DomainNet epochs per target). `python -m alignclip config --config FILE` prints what
+resolves. Unknown keys, wrong types and out-of-range values are one-line `ConfigError`s.
 """
 import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-NUMBER = (int, float)
-# key: (allowed types, default); None among the types means the key may be null.
-SCHEMA = {
-    "task": ((str,), "domain_shift"),
-    "seed": ((int,), 0),
-    "output_dir": ((str,), "runs/alignclip"),
-    "data": {
-        "root": ((str, None), None),
-        "dataset": ((str,), "PACS"),
-        "targets": ((list,), [0]),
-        "batch_size": ((int,), 36),
-        "holdout_fraction": (NUMBER, 0.2),
-        "num_workers": ((int,), 4),
-        "skip_corrupt": ((bool,), False),
-        "shots": ((int, None), None),
-        "split_file": ((str, None), None),
-        "synthetic": {
-            "domains": ((int,), 4),
-            "classes": ((int,), 4),
-            "per_class": ((int,), 40),
-            "image_size": ((int,), 32),
-        },
-    },
-    "model": {
-        "arch": ((str,), "ViT-B-16"),
-        "pretrained": ((str, None), "openai"),
-        "dual_layers": ((int,), 6),
-        "aal_layers": ((list,), [0, 1, 2, 3, 4]),
-        "out_proj_mode": ((str,), "split"),
-        "template": ((str,), "a photo of a {}."),
-    },
-    "train": {
-        "epochs": ((int,), 10),
-        "iters_per_epoch": ((int,), 500),
-        "epochs_per_dataset": ((dict,), {}),
-        "lr": (NUMBER, 5e-6),
-        "weight_decay": (NUMBER, 0.1),
-        "bma_beta": (NUMBER, 0.5),
-        "device": ((str,), "auto"),
-        "log_every": ((int,), 10),
-        "checkpoint_every": ((int,), 500),
-        "eval_batch_size": ((int,), 128),
-        "attention_images": ((int,), 4),
-    },
-    "loss": {
-        "align": ((bool,), True),
-        "alpha": (NUMBER, 0.3),
-        "logit_scale": (NUMBER, 100.0),
-        "epsilon": (NUMBER, 0.9),
-        "smoothing": (NUMBER, 35.0),
-        "aloss": (NUMBER, 10.0),
-        "temperature": (NUMBER, 1.0),
-    },
-}
+from alignclip_kernels.paper import (ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, SMOOTHING,
+                                     TEMPERATURE)
+
 TASKS = ("domain_shift", "open_class", "in_the_wild")
+TRANSFORMS = ("auto", "domainbed", "coop")
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration that cannot run; the message is one line naming the key."""
 
 
-def defaults(schema=SCHEMA):
-    return {k: defaults(v) if isinstance(v, dict) and not isinstance(v, tuple) else copy.deepcopy(v[1])
-            for k, v in schema.items()}
+@dataclass
+class SyntheticConfig:
+    domains: int = 4           # styles (the demo's domains)
+    classes: int = 4           # shapes
+    per_class: int = 40        # images per (domain, class)
+    image_size: int = 32
 
 
-def _type_names(types):
-    return " or ".join("null" if t is None else ("number" if t is NUMBER else t.__name__)
-                       for t in types)
+@dataclass
+class DataConfig:
+    root: Optional[str] = None            # folder holding the data set (DomainBed or CoOp layout)
+    dataset: str = "PACS"                 # a DomainBed or CoOp data set name, or Synthetic
+    targets: List[int] = field(default_factory=lambda: [0])   # target domains (sorted domain order)
+    batch_size: int = 36                  # per source domain a step (open class: a step)
+    holdout_fraction: float = 0.2         # DomainBed's validation split of every domain
+    split_seed: int = 0                   # DomainBed's trial seed: the 80/20 split of each domain
+    num_workers: int = 4
+    skip_corrupt: bool = False            # skip unreadable images (with a warning) instead of stopping
+    shots: Optional[int] = None           # few-shot training on CoOp data: images per class
+    split_file: Optional[str] = None      # a CoOp split file other than the data set's own
+    transforms: str = "auto"              # domainbed | coop | auto (DomainBed data: domainbed)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-def _check_value(key, value, types):
-    flat = []
-    for t in types:
-        flat += list(t) if isinstance(t, tuple) else [t]
-    if value is None:
-        if None in flat:
-            return
-    elif any(t is not None and isinstance(value, t) and not (isinstance(value, bool) and t is not bool)
-             for t in flat):
-        return
-    raise ConfigError(f"config key {key} must be {_type_names(types)}, got {value!r}")
+@dataclass
+class ModelConfig:
+    arch: str = "ViT-B-16"                # an open_clip model name
+    pretrained: Optional[str] = "openai"  # an open_clip pretrained tag or a file; null: random init
+    dual_layers: int = 6                  # the last blocks that also carry the D-V path
+    aal_layers: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])   # CLS rows for the AAL
+    out_proj_mode: str = "split"          # split (two GEMMs) | stacked (one GEMM over both paths)
+    template: Optional[str] = None        # class prompt with one {}; null: the data set's own
 
 
-def _merge(base, update, schema, prefix=""):
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    iters_per_epoch: int = 500
+    lr: float = 5e-6                      # AdamW, cosine schedule over all steps
+    weight_decay: float = 0.1
+    bma_beta: float = 0.5                 # CLIPood's beta moving average
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    compile: bool = False                 # torch.compile the model and loss
+    log_every: int = 10
+    checkpoint_every: int = 500
+    eval_batch_size: int = 128
+    select_best: bool = True              # evaluate the source domains' validation split each epoch
+    attention_images: int = 4             # images in attention.png (0: no figure)
+    tensorboard: bool = False             # needs the tensorboard extra
+
+
+@dataclass
+class LossConfig:
+    align: bool = True                    # false: CLIPood (SLS + MMS only)
+    alpha: float = MARGIN_ALPHA
+    logit_scale: Optional[float] = None   # null: exp(logit_scale) of the loaded CLIP, as the authors
+    epsilon: float = LABEL_EPSILON
+    smoothing: float = SMOOTHING
+    aloss: float = ALIGN_WEIGHT
+    temperature: float = TEMPERATURE
+
+
+@dataclass
+class RunConfig:
+    task: str = "domain_shift"            # domain_shift | open_class | in_the_wild
+    seed: int = 0
+    output_dir: str = "runs/alignclip"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    @property
+    def total_steps(self):
+        return self.train.epochs * self.train.iters_per_epoch
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_yaml(self):
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp):
+    if get_origin(tp) is Union:
+        return " or ".join("null" if t is type(None) else _type_name(t) for t in get_args(tp))
+    if get_origin(tp) in (list, List):
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key, value, tp):
+    """`value` as type `tp`, or a ConfigError naming `key`."""
+    if get_origin(tp) is Union:
+        if value is None and type(None) in get_args(tp):
+            return None
+        for option in get_args(tp):
+            if option is not type(None):
+                try:
+                    return _coerce(key, value, option)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+    if get_origin(tp) in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+        return [_coerce(key, v, get_args(tp)[0]) for v in value]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):   # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (isinstance(value, bool) and tp is not bool):
+        return value
+    raise ConfigError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _merge(obj, update, prefix=""):
+    if not isinstance(update, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'top level'} must be a mapping, got {update!r}")
+    hints = get_type_hints(type(obj))
     for key, value in update.items():
         path = f"{prefix}{key}"
-        if key not in schema:
-            raise ConfigError(f"unknown config key {path}; allowed here: {', '.join(sorted(schema))}")
-        spec = schema[key]
-        if isinstance(spec, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {path} must be a mapping with keys {', '.join(sorted(spec))}")
-            _merge(base[key], value, spec, path + ".")
+        if key not in hints:
+            raise ConfigError(f"unknown config key {path}; allowed here: {', '.join(sorted(hints))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, path + ".")
         else:
-            _check_value(path, value, spec[0])
-            base[key] = float(value) if spec[0] is NUMBER else value
+            setattr(obj, key, _coerce(path, value, hints[key]))
 
 
 def parse_override(text):
+    """`section.key=value` (value read as YAML) as a nested mapping."""
     if "=" not in text:
         raise ConfigError(f"--set takes key=value, got {text!r}")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):   # YAML 1.1 reads 3e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot read {raw!r} as a value") from None
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
 
 
+def _check_range(name, value, ok, expected):
+    if not ok(value):
+        raise ConfigError(f"config key {name} must be {expected}, got {value!r}")
+
+
 def validate(cfg):
-    if cfg["task"] not in TASKS:
-        raise ConfigError(f"config key task must be one of {TASKS}, got {cfg['task']!r}")
-    for key in ("batch_size", "num_workers"):
-        if cfg["data"][key] < (1 if key == "batch_size" else 0):
-            raise ConfigError(f"config key data.{key} out of range: {cfg['data'][key]}")
-    for key in ("epochs", "iters_per_epoch", "log_every", "checkpoint_every", "eval_batch_size"):
-        if cfg["train"][key] < 1:
-            raise ConfigError(f"config key train.{key} must be >= 1, got {cfg['train'][key]}")
-    if not 0 < cfg["data"]["holdout_fraction"] < 1:
-        raise ConfigError("config key data.holdout_fraction must be in (0, 1)")
-    if not all(isinstance(t, int) for t in cfg["data"]["targets"]):
-        raise ConfigError(f"config key data.targets must be a list of domain indices, got {cfg['data']['targets']}")
-    for key in ("lr", "logit_scale", "smoothing", "temperature", "bma_beta"):
-        section = "train" if key in ("lr", "bma_beta") else "loss"
-        if cfg[section][key] <= 0:
-            raise ConfigError(f"config key {section}.{key} must be > 0, got {cfg[section][key]}")
+    """Every value in range, before any work: one ConfigError naming the first bad key."""
+    finite = math.isfinite
+    d, m, t, loss = cfg.data, cfg.model, cfg.train, cfg.loss
+    _check_range("task", cfg.task, lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
+    _check_range("data.transforms", d.transforms, lambda v: v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)}")
+    _check_range("model.out_proj_mode", m.out_proj_mode, lambda v: v in ("split", "stacked"), "split or stacked")
+    for name, value in (("data.batch_size", d.batch_size), ("train.epochs", t.epochs),
+                        ("train.iters_per_epoch", t.iters_per_epoch), ("train.log_every", t.log_every),
+                        ("train.checkpoint_every", t.checkpoint_every),
+                        ("train.eval_batch_size", t.eval_batch_size)):
+        _check_range(name, value, lambda v: v >= 1, "an integer >= 1")
+    for name, value in (("data.num_workers", d.num_workers), ("train.attention_images", t.attention_images),
+                        ("model.dual_layers", m.dual_layers), ("data.split_seed", d.split_seed)):
+        _check_range(name, value, lambda v: v >= 0, "an integer >= 0")
+    if d.shots is not None:
+        _check_range("data.shots", d.shots, lambda v: v >= 1, "an integer >= 1 or null")
+    _check_range("data.holdout_fraction", d.holdout_fraction, lambda v: finite(v) and 0 < v < 1, "in (0, 1)")
+    _check_range("data.targets", d.targets, lambda v: len(v) >= 1 and all(i >= 0 for i in v),
+                 "a non-empty list of domain indices >= 0")
+    _check_range("model.aal_layers", m.aal_layers, lambda v: all(i >= 0 for i in v) and len(set(v)) == len(v),
+                 "distinct block indices >= 0")
+    _check_range("train.lr", t.lr, lambda v: finite(v) and v > 0, "finite and > 0")
+    _check_range("train.weight_decay", t.weight_decay, lambda v: finite(v) and v >= 0, "finite and >= 0")
+    _check_range("train.bma_beta", t.bma_beta, lambda v: finite(v) and v > 0, "finite and > 0")
+    _check_range("loss.alpha", loss.alpha, lambda v: finite(v) and v >= 0, "finite and >= 0")
+    _check_range("loss.epsilon", loss.epsilon, lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
+    for name, value in (("loss.smoothing", loss.smoothing), ("loss.temperature", loss.temperature)):
+        _check_range(name, value, lambda v: finite(v) and v > 0, "finite and > 0")
+    _check_range("loss.aloss", loss.aloss, lambda v: finite(v) and v >= 0, "finite and >= 0")
+    if loss.logit_scale is not None:
+        _check_range("loss.logit_scale", loss.logit_scale, lambda v: finite(v) and v > 0, "finite and > 0 or null")
+    if m.template is not None:
+        _check_range("model.template", m.template, lambda v: v.count("{}") == 1,
+                     "a prompt with exactly one {} for the class name")
     return cfg
 
 
+def _specific(table, name, value):
+    """The entry of a `per_dataset` / `per_target` mapping that applies to `value`, if any."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"config key {name} must map data set names (or target indices) to "
+                          f"config sections, got {table!r}")
+    return table.get(value, table.get(str(value)))
+
+
 def load_config(path=None, overrides=()):
-    cfg = defaults()
+    """The RunConfig of a YAML file (or the defaults) with `--set` overrides, validated."""
+    cfg = RunConfig()
+    raw = {}
     if path is not None:
         try:
             with open(path) as f:
                 raw = yaml.safe_load(f) or {}
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping")
-        _merge(cfg, raw, SCHEMA)
-    for text in overrides:
-        _merge(cfg, parse_override(text), SCHEMA)
+    raw = copy.deepcopy(raw)
+    per_dataset, per_target = raw.pop("per_dataset", None), raw.pop("per_target", None)
+    _merge(cfg, raw)
+    updates = [parse_override(text) for text in overrides]
+    for update in updates:   # the data set and targets first: they select the per_* entries
+        if "data" in update:
+            _merge(cfg, {"data": update["data"]})
+    entries = [_specific(per_dataset, "per_dataset", cfg.data.dataset)]
+    if len(cfg.data.targets) == 1:
+        entries.append(_specific(per_target, "per_target", cfg.data.targets[0]))
+    for entry in entries:
+        if entry is not None:
+            _merge(cfg, entry)
+    for update in updates:
+        _merge(cfg, update)
     return validate(cfg)
 
 
-def total_steps(cfg):
-    epochs = cfg["train"]["epochs_per_dataset"].get(cfg["data"]["dataset"], cfg["train"]["epochs"])
-    return int(epochs) * cfg["train"]["iters_per_epoch"]
+def from_dict(data):
+    """A RunConfig from `to_dict()` output (a checkpoint's), validated."""
+    cfg = RunConfig()
+    _merge(cfg, copy.deepcopy(data))
+    return validate(cfg)
+
+
+# Keys that do not change what a run computes: a resumed run may differ in these.
+RUN_NEUTRAL = {"output_dir", "data.root", "data.num_workers", "train.device", "train.compile",
+               "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
+               "train.attention_images", "train.tensorboard", "data.skip_corrupt"}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_changing_differences(saved: Dict, current: RunConfig):
+    """Keys whose values differ between a saved run's configuration and `current` and would
+    change what the run computes."""
+    a, b = _flatten(saved), _flatten(current.to_dict())
+    return sorted(k for k in set(a) | set(b) if k not in RUN_NEUTRAL and a.get(k) != b.get(k))

@@ -1,9 +1,17 @@
-"""The AlignCLIP objective (SPEC.md section 8): SLS+MMS + aloss · (AAL + similarity alignment)."""
+"""The AlignCLIP objective: SLS+MMS + aloss · (AAL + similarity alignment).
+
+    total = sls_mms(CLS of the original path) + aloss · (AAL(cls_attn, G) + similarity_align)
+
+with G computed from the D-V path's patch tokens inside the fused AAL. `align=False` is
+CLIPood (SLS+MMS only).
+"""
 from typing import NamedTuple
 
 import torch
 
 import alignclip_kernels
+from alignclip_kernels.paper import (ALIGN_WEIGHT, LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA,
+                                     SMOOTHING, TEMPERATURE)
 
 
 class LossTerms(NamedTuple):
@@ -15,34 +23,35 @@ class LossTerms(NamedTuple):
 
 
 class AlignCLIPLoss(torch.nn.Module):
-    """Combines the terms with the authors' defaults; `align=False` is CLIPood (SLS+MMS only).
+    """The loss terms with the authors' defaults; `text` [K, E] are the normalised class text
+    features (`class_dist` is computed from them once). `ops` is any module with the public op
+    names (`alignclip_kernels`, or its `reference`)."""
 
-    `text` [K, E] are the normalised class text features; `class_dist` is computed from them once.
-    `ops` is any module with the public op names (`alignclip_kernels`, or its `reference`).
-    """
-
-    def __init__(self, text, *, alpha=0.3, logit_scale=100.0, epsilon=0.9, smoothing=35.0,
-                 aloss=10.0, temperature=1.0, align=True, ops=alignclip_kernels):
+    def __init__(self, text, *, alpha=MARGIN_ALPHA, logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON,
+                 smoothing=SMOOTHING, aloss=ALIGN_WEIGHT, temperature=TEMPERATURE, align=True,
+                 ops=alignclip_kernels):
         super().__init__()
         self.ops = ops
         self.register_buffer("text", text.detach().float(), persistent=False)
         self.register_buffer("class_dist", ops.class_distribution(self.text, smoothing=smoothing),
                              persistent=False)
-        self.alpha, self.logit_scale, self.epsilon = alpha, logit_scale, epsilon
-        self.aloss, self.temperature, self.align = aloss, temperature, align
+        self.alpha, self.logit_scale, self.epsilon = float(alpha), float(logit_scale), float(epsilon)
+        self.aloss, self.temperature, self.align = float(aloss), float(temperature), align
+        self._text_cast = {}
 
     def _text_as(self, dtype):
-        """The text features in the tokens' dtype, cast once per dtype and device, not per step."""
+        """The text features in the tokens' dtype, cast once per dtype, not every step."""
         key = (dtype, self.text.device)
-        if getattr(self, "_cast", (None, None))[0] != key:
-            self._cast = (key, self.text.to(dtype))
-        return self._cast[1]
+        if key not in self._text_cast:
+            self._text_cast = {key: self.text.to(dtype)}
+        return self._text_cast[key]
 
     def forward(self, out, labels):
         # The SLS logits are scaled by 100: keep them in fp32 (a [B, E] cast), whatever autocast did.
         image_features = out.tokens[:, 0].float()
         sls, logits = self.ops.sls_mms_loss(image_features, self.text, labels, self.class_dist,
-                                   alpha=self.alpha, logit_scale=self.logit_scale, epsilon=self.epsilon)
+                                            alpha=self.alpha, logit_scale=self.logit_scale,
+                                            epsilon=self.epsilon)
         zero = sls.new_zeros(())
         if not self.align:
             return LossTerms(sls, sls, zero, zero, logits)
@@ -51,6 +60,5 @@ class AlignCLIPLoss(torch.nn.Module):
         sim = self.ops.similarity_align_loss(patches, patches_dv, text)
         aal = zero
         if out.cls_attn is not None:
-            target = self.ops.token_text_target(patches_dv, text, labels, temperature=self.temperature)
-            aal = self.ops.aal_kl_loss(out.cls_attn, target)
+            aal = self.ops.aal_loss(out.cls_attn, patches_dv, text, labels, temperature=self.temperature)
         return LossTerms(sls + self.aloss * (aal + sim), sls, aal, sim, logits)

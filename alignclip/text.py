@@ -1,17 +1,17 @@
-"""Class text features from the frozen CLIP text encoder: "a photo of a {}." per class name."""
+"""Class text features from the frozen CLIP text encoder, one prompt per class name."""
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEMPLATE = "a photo of a {}."
 
-
-def prompt(classname, template=DEFAULT_TEMPLATE):
+def prompt(classname, template):
+    """The template with the class name (underscores as spaces) in its one `{}`."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a class prompt needs exactly one {{}} for the class name, got {template!r}")
     return template.format(classname.replace("_", " "))
 
 
 @torch.no_grad()
-def class_text_features(clip_model, tokenizer, classnames, template=DEFAULT_TEMPLATE, device=None,
-                        batch_size=256):
+def class_text_features(clip_model, tokenizer, classnames, template, device=None, batch_size=256):
     """[K, E] fp32, L2-normalised, computed once under no_grad."""
     if not classnames:
         raise ValueError("classnames must name at least one class")

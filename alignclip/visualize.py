@@ -1,16 +1,13 @@
 """attention.png: validation images beside their CLS attention (mean over the AAL layers and
-heads, CLS key dropped) and the D-V target G, before and after training."""
+heads, CLS key dropped) and the D-V target G, before and after training. Drawn with
+matplotlib's object API: importing this module changes no global backend."""
 import math
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from alignclip_kernels import token_text_target
 
-from alignclip_kernels import token_text_target  # noqa: E402
-
-from .data.samples import CLIP_MEAN, CLIP_STD  # noqa: E402
+from .data import SampleDataset, eval_transform, normalization
 
 
 @torch.no_grad()
@@ -25,18 +22,43 @@ def attention_maps(model, images, labels, text, temperature):
     return attn.reshape(-1, side, side).cpu(), g.reshape(-1, side, side).float().cpu()
 
 
-def save_attention_figure(path, images, before, after):
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    columns = [("image", None), ("attention before", before[0]), ("G before", before[1]),
-               ("attention after", after[0]), ("G after", after[1])]
-    fig, axes = plt.subplots(len(images), len(columns), figsize=(2.2 * len(columns), 2.2 * len(images)),
-                             squeeze=False)
+def attention_snapshot(model, task, cfg, text, size, device):
+    """CLS attention and target G for a few validation images, one class after another."""
+    from .evaluate import transforms_kind
+
+    eval_set = task.eval_sets["val"]   # labelled with the training classes in every task
+    n = cfg.train.attention_images
+    if not eval_set.samples or n == 0 or not model.aal_layers:
+        return None
+    by_class = {}
+    for i, s in enumerate(eval_set.samples):
+        by_class.setdefault(s.label, []).append(i)
+    queues = list(by_class.values())
+    picks = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)][:n]
+    dataset = SampleDataset(eval_set.samples, eval_transform(transforms_kind(cfg, task), size),
+                            cfg.data.skip_corrupt)
+    images = torch.stack([dataset[i][0] for i in picks]).to(device)
+    labels = torch.tensor([eval_set.samples[i].label for i in picks], device=device)
+    attn, target = attention_maps(model, images, labels, text, cfg.loss.temperature)
+    return {"images": images.cpu(), "attn": attn, "target": target}
+
+
+def save_attention_figure(path, before, after, transforms):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mean, std = (torch.tensor(x).view(3, 1, 1) for x in normalization(transforms))
+    columns = [("image", None), ("attention before", before["attn"]), ("G before", before["target"]),
+               ("attention after", after["attn"]), ("G after", after["target"])]
+    images = before["images"]
+    fig = Figure(figsize=(2.2 * len(columns), 2.2 * len(images)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(images), len(columns), squeeze=False)
     for r, img in enumerate(images):
         for c, (title, maps) in enumerate(columns):
             ax = axes[r][c]
             if maps is None:
-                ax.imshow((img.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+                ax.imshow((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
             else:
                 ax.imshow(maps[r].numpy(), cmap="inferno")
             ax.set_xticks([])
@@ -45,4 +67,3 @@ def save_attention_figure(path, images, before, after):
                 ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -1,10 +1,10 @@
-"""alignclip-kernels: fused Triton ops for AlignCLIP training (contract: SPEC.md).
+"""alignclip-kernels: fused Triton ops for AlignCLIP training (the contract: docs/contract.md).
 
 Every op runs its Triton kernels on CUDA and under `TRITON_INTERPRET=1` on the CPU, and a
 PyTorch path with the same semantics anywhere else; `backend(device)` says which.
 """
 from ._runtime import backend
-from .aal_kl import aal_kl_loss
+from .aal import aal_kl_loss, aal_loss
 from .attention import dual_attention, fused_alignclip_attention, split_qkv
 from .similarity_align import similarity_align_loss
 from .sls_mms import class_distribution, sls_mms_loss
@@ -12,6 +12,7 @@ from .token_text_target import token_text_target
 
 __all__ = [
     "aal_kl_loss",
+    "aal_loss",
     "backend",
     "class_distribution",
     "dual_attention",

@@ -18,17 +18,30 @@ def tensor(name, x, ndim, shape_doc, floating=True):
 
 
 def labels(name, y, batch, num_classes):
+    """Type and shape always; the value range only where it costs no device sync (CPU labels,
+    outside torch.compile's tracing, which cannot branch on values).
+
+    On a GPU the kernels clamp every label they read and turn an out-of-range one into NaN
+    results, so a bad label cannot pass silently; the trainer checks each batch on the host
+    before it moves to the device.
+    """
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be an int64 torch.Tensor of shape [B]={batch}, got {type(y).__name__}")
     if y.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name} must be an integer tensor (int64) of shape [B], got {y.dtype}")
     if y.dim() != 1 or y.shape[0] != batch:
         raise ValueError(f"{name} must have shape [B]=[{batch}], got {tuple(y.shape)}")
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(
-            f"{name} must hold class indices in [0, {num_classes}), got values in "
-            f"[{int(y.min())}, {int(y.max())}]")
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+        label_range(name, y, num_classes)
     return y
+
+
+def label_range(name, y, num_classes):
+    """Refuse class indices outside [0, num_classes) (reads the values: call it on host tensors)."""
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"{name} must hold class indices in [0, {num_classes}), got values in "
+                         f"[{low}, {high}]")
 
 
 def size(name, actual, expected, what):

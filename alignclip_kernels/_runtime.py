@@ -1,9 +1,11 @@
-"""Which implementation an op runs: compiled Triton, interpreted Triton, or PyTorch.
+"""Which implementation an op runs (compiled Triton, interpreted Triton or PyTorch) and the facts
+about the target GPU that pick its launch configurations.
 
 `TRITON_INTERPRET=1` must be set before triton is imported for the interpreter to run the
-kernels on CPU tensors (tests/conftest.py does so when CUDA is absent).
+kernels on CPU tensors (the tests set it when CUDA is absent).
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -15,9 +17,21 @@ try:
 except ImportError:  # non-Linux installs have no triton wheel
     HAS_TRITON = False
 
+# Multiprocessors of the GPU each target architecture stands for when nothing is launched on it
+# (the work counter and the ptxas report): an H100/H200 SXM for sm_90, an A100 for sm_80.
+TARGET_SMS = {9: 132, 8: 108}
+# The interpreter pretends to a 4-SM GPU, so that small test batches still split each image's
+# work over several programs and the tests exercise the cross-program combine.
+INTERPRETER_SMS = 4
+
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """`ALIGNCLIP_AUTOTUNE=0` pins every kernel to its static default configuration."""
+    return os.environ.get("ALIGNCLIP_AUTOTUNE", "1") != "0"
 
 
 _TARGET_ARCH = None
@@ -25,14 +39,35 @@ _TARGET_ARCH = None
 
 @contextlib.contextmanager
 def target_arch(major):
-    """Pretend to launch for a CUDA compute capability `major` (9 Hopper, 8 Ampere) so that
-    `inspect` can record the launches the dispatcher would make there, on meta tensors."""
+    """Pick launch configurations as on a CUDA GPU of compute capability `major` (9 Hopper,
+    8 Ampere) whatever the tensors' device: the ptxas report and the work counter see the
+    launches the dispatcher would make there."""
     global _TARGET_ARCH
     previous, _TARGET_ARCH = _TARGET_ARCH, major
     try:
         yield
     finally:
         _TARGET_ARCH = previous
+
+
+_BATCH_FACTOR = 1.0
+
+
+@contextlib.contextmanager
+def counted_batch(factor):
+    """Split work over programs as for a batch `factor` times the one launched: the work counter
+    runs the paper's batch reduced and scales the counts, with the launch configuration of the
+    full batch."""
+    global _BATCH_FACTOR
+    previous, _BATCH_FACTOR = _BATCH_FACTOR, float(factor)
+    try:
+        yield
+    finally:
+        _BATCH_FACTOR = previous
+
+
+def batch_factor() -> float:
+    return _BATCH_FACTOR
 
 
 def cuda_arch(device):
@@ -43,6 +78,21 @@ def cuda_arch(device):
     if device.type == "cuda" and not interpreter_enabled():
         return torch.cuda.get_device_capability(device)[0]
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device) -> int:
+    """Multiprocessors of the GPU the launch is for (a pretend count for targets and the interpreter)."""
+    major = cuda_arch(device)
+    if major is None:
+        return INTERPRETER_SMS
+    if _TARGET_ARCH is not None or device.type != "cuda":
+        return TARGET_SMS.get(major, TARGET_SMS[8])
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def backend(device=None) -> str:
@@ -57,17 +107,24 @@ def backend(device=None) -> str:
         return "triton"
     if not HAS_TRITON:
         return "torch"
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and interpreter_enabled():
+    if device.type not in ("cuda", "cpu"):
+        return "torch"
+    if interpreter_enabled():
         return "triton-interpreter"
-    return "torch"
+    return "triton" if device.type == "cuda" else "torch"
 
 
 def runs_triton(tensor: torch.Tensor) -> bool:
-    """Whether an op on `tensor` runs its Triton kernels. float64 inputs (the oracle's dtype) take
-    the PyTorch path on every backend, so they keep float64 results everywhere."""
-    return backend(tensor.device) != "torch" and tensor.dtype != torch.float64
+    """Whether an op on `tensor` runs its Triton kernels.
+
+    float64 inputs (the oracle's dtype) take the PyTorch path on every backend, so they keep
+    float64 results. bfloat16 takes it under the interpreter, whose `tl.dot` multiplies the raw
+    bf16 bit patterns as integers (an upstream bug: products off by orders of magnitude).
+    """
+    path = backend(tensor.device)
+    if path == "torch" or tensor.dtype == torch.float64:
+        return False
+    return not (path == "triton-interpreter" and tensor.dtype == torch.bfloat16)
 
 
 def next_pow2(n: int) -> int:
@@ -77,7 +134,7 @@ def next_pow2(n: int) -> int:
 def dot_precision(tensor: torch.Tensor) -> str:
     """Precision of `tl.dot` on fp32 operands, never plain TF32: exact ("ieee") under the
     interpreter; on a GPU three-pass TF32 ("tf32x3", near-fp32 accuracy on tensor cores), since
-    exact FMA dots spill whole tiles out of registers (ptxas, see `inspect`). 16-bit operands
+    exact FMA dots spill whole tiles out of registers (see the ptxas report). 16-bit operands
     ignore it."""
     if tensor.dtype != torch.float32 or cuda_arch(tensor.device) is None:
         return "ieee"

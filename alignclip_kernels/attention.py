@@ -1,38 +1,57 @@
-r"""Dual-branch attention: Q-K-V output, the D-V branch and exact softmax probe rows.
+r"""Dual-branch attention: the Q-K-V output, the D-V branch and exact softmax probe rows.
 
-For q, k, v of shape [B, H, N, D] and s = scale:
+For q, k, v of shape [B, H, N, D] and s = scale (default D^-1/2):
 
-    P        = softmax(s · q kᵀ)                     (fp32 statistics, never stored)
-    out      = merge_heads(P v)                      [B, N, H·D]
-    dv       = merge_heads(v)                        [B, N, H·D]   (D-V branch, D = I)
-    row_attn = P[:, :, :R]                           [B, H, R, N]  fp32
+    P        = softmax(s · q kᵀ)                    fp32 statistics; never stored
+    out      = merge_heads(P v)                     [B, N, H·D]
+    dv       = merge_heads(v)                       [B, N, H·D]   the D-V branch (D = identity)
+    row_attn = P[:, :, :R]                          [B, H, R, N] fp32 (R = 1: the CLS row)
 
-Forward: one launch, FlashAttention-style online softmax in base 2; programs whose query block
-holds rows < R make a second pass over the keys with the final log-sum-exp to write their exact
-probabilities, 16 rows at a time when R ≤ 16 (the CLS row costs a 16-row pass, not a block's). `dv` is returned as a strided view of v when v's heads sit side by side
-(stride(d) = 1, stride(h) = D: a view of a packed QKV projection), else written by the same
-launch.
+Forward, one launch over (query blocks, B·H): FlashAttention's online softmax in base 2. Rows
+come in BLOCK_M blocks plus 16-row tail programs, keys in BLOCK_N blocks plus 16-key tail
+blocks, so N = 197 runs as 208 × 208 rather than 256 × 256. A program holding probe rows
+(< R) stores their raw scores while it goes and rescales them with the final log-sum-exp at the
+end: no second QKᵀ pass. `dv` is a strided view of v when v's heads sit side by side (a packed
+QKV projection), else the launch copies it.
 
-Backward: three launches. With dP = dO vᵀ + dA (dA = d(row_attn), rows < R only) and
-Δ = rowsum(dO ∘ O) + rowsum(P ∘ dA),
+Backward, three launches. With dP = dO vᵀ, Δ_i = rowsum(dO_i ∘ O_i) + Σ_j P_ij dA_ij
+(dA = d row_attn, rows < R only) and dS = P ∘ (dP − Δ):
 
-    dS = P ∘ (dP − Δ),   dQ = s · dS k,   dK = s · dSᵀ q,   dV = Pᵀ dO + d(dv)
+    dV = Pᵀ dO + d(dv),   dK = s (dSᵀ q + Σ_{i<R} (P_i ∘ dA_i)ᵀ q_i),   dQ = s (dS k + (P ∘ dA) k)
 
-1. preprocess: Δ per query row;  2. dK, dV per key block (d(dv) folded in);  3. dQ per query
-block.
+1. preprocess: Δ per row, and the fp32 dQ accumulator zeroed;
+2. one program per key block (BLOCK_N, plus 16-key tails) walking the query blocks: the five
+   products QKᵀ, Pᵀ dO, dO Vᵀ, dSᵀ Q and dS K, dQ added into the fp32 accumulator atomically;
+   the probe rows' extra dA term is a rank-R update after the loop, so the loop body is the
+   same with and without d(row_attn);
+3. dQ: the accumulator scaled and cast into its output (the probe rows' dA term added there).
+
+When q, k, v are views of one packed [B, N, 3, H, D] buffer (`split_qkv`), dq, dk and dv are
+written into one packed gradient buffer that `split_qkv` hands back as the gradient of the
+projection, and d(dv) is folded into the dV the kernel writes: no zero fills, slice copies or
+adds. On CUDA, tiles are autotuned per (N bucket, D, dtype, R > 0); `ALIGNCLIP_AUTOTUNE=0` pins
+the static defaults. Under `torch.compile` the op is the custom op `alignclip::dual_attention`,
+which writes dv and returns separate gradients (custom ops may not alias their inputs).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import _checks
-from ._runtime import HAS_TRITON, cuda_arch, dot_precision, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, autotune_enabled, cuda_arch, dot_precision, next_pow2, runs_triton
+from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .kernel_utils import gemv_t, outer_fma
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 80, 96, 128)
+TAIL = 16   # rows / keys of a tail block: the smallest tensor-core tile side
 
 
 def _check_inputs(q, k, v, rows, scale):
@@ -57,7 +76,7 @@ def _check_inputs(q, k, v, rows, scale):
     return d ** -0.5 if scale is None else _checks.positive_finite("scale", scale)
 
 
-def _merged_view(v):
+def merged_view(v):
     """v [B, H, N, D] as [B, N, H·D] without a copy, or None when its strides do not allow it."""
     b, h, n, d = v.shape
     if v.stride(3) != 1 or (h > 1 and v.stride(1) != d):
@@ -71,8 +90,8 @@ def _is_packed(q, k, v):
     packed = (3 * h * n * d, d, 3 * h * d, 1)
     strides_ok = all(x.stride() == packed or (b == 1 and x.stride()[1:] == packed[1:])
                      for x in (q, k, v))
-    if not strides_ok or q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr() or \
-            q.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+    storage = q.untyped_storage().data_ptr()
+    if not strides_ok or any(x.untyped_storage().data_ptr() != storage for x in (k, v)):
         return False
     return (k.storage_offset() - q.storage_offset() == h * d
             and v.storage_offset() - q.storage_offset() == 2 * h * d)
@@ -92,9 +111,12 @@ class _SplitQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv):
-        ctx.set_materialize_grads(False)
+    def forward(qkv):
         return _packed_views(qkv)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -115,353 +137,648 @@ def split_qkv(qkv):
 
     Feed them to `dual_attention` / `fused_alignclip_attention`: the gradient of `qkv` then
     comes back as the one packed buffer the attention backward writes, with no zero fills,
-    slice copies or adds.
+    slice copies or adds. Under torch.compile they are plain views.
     """
     _checks.tensor("qkv", qkv, 5, "[B, N, 3, H, D]")
     if qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape [B, N, 3, H, D], got {tuple(qkv.shape)}")
+    if torch.compiler.is_compiling() or not runs_triton(qkv):
+        return _packed_views(qkv)
     return _SplitQKV.apply(qkv)
 
 
 def _torch_dual_attention(q, k, v, rows, scale, return_dv):
-    """CPU fallback: SDPA for the output, only the R probe rows' scores materialised."""
+    """The PyTorch path: SDPA for the output, only the R probe rows' scores materialised, in
+    fp32 whatever autocast is active (the contract's dtype for row_attn)."""
     b, h, n, d = q.shape
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     out = out.transpose(1, 2).reshape(b, n, h * d)
-    dv = None
-    if return_dv:
-        dv = _merged_view(v)
-        if dv is None:
-            dv = v.transpose(1, 2).reshape(b, n, h * d)
+    # reshape is a view when v's heads sit side by side (a packed projection), a copy otherwise
+    dv = v.transpose(1, 2).reshape(b, n, h * d) if return_dv else None
     row_attn = None
     if rows > 0:
-        scores = q[:, :, :rows].float() @ k.float().transpose(-1, -2)
-        row_attn = torch.softmax(scores * scale, dim=-1)
+        with torch.autocast(q.device.type, enabled=False):
+            scores = q[:, :, :rows].float() @ k.float().transpose(-1, -2)
+            row_attn = torch.softmax(scores * scale, dim=-1)
     return out, dv, row_attn
 
 
-def attention_configs(head_dim, dtype, device):
-    """Launch configurations {"fwd", "bwd_kv", "bwd_q", "pre"}: dicts of block sizes and warps.
+# -- launch configurations -----------------------------------------------------------------------
 
-    Under the interpreter one small fixed configuration (no tuning); on CUDA by architecture
-    (sm_90 Hopper, sm_80 Ampere and others), head dim and dtype; fp32 runs three-pass TF32 dots
-    (wider operands) and takes smaller tiles to stay within registers.
-    """
+def _tile_sets(block_d, dtype, major):
+    """(forward configurations, backward configurations) for CUDA: the first of each is the
+    static default, the rest the autotuner's other candidates. Chosen from ptxas's reports
+    (see ptxas_report): no spills on sm_90a or sm_80 and at least 8 resident warps per SM."""
+    def cfg(m, n, warps, stages=2):
+        return LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d)
+
+    hopper = major >= 9
+    if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones, split in three
+        if block_d > 64:
+            return [cfg(32, 32, 8), cfg(32, 16, 4)], [cfg(32, 16, 8), cfg(16, 16, 8)]
+        return [cfg(32, 16, 4), cfg(32, 32, 8)], [cfg(32, 16, 8), cfg(16, 16, 8)]
+    stages = 3 if hopper else 2
+    if block_d > 64:
+        return ([cfg(64, 32, 4 if hopper else 8, stages), cfg(64, 16, 4 if hopper else 8, stages)],
+                [cfg(32, 64, 8), cfg(32, 32, 8)])
+    if hopper:
+        return ([cfg(64, 64, 4, stages), cfg(128, 64, 8, stages), cfg(64, 32, 4, stages), cfg(128, 32, 8)],
+                [cfg(32, 64, 8), cfg(64, 64, 8), cfg(32, 32, 4), cfg(32, 128, 8)])
+    # Ampere's mma.sync tiles hold more registers: 64×64 forwards at 4 warps and 64-query
+    # backwards spill there
+    return ([cfg(64, 32, 4, stages), cfg(64, 64, 8, stages), cfg(128, 32, 8)],
+            [cfg(32, 64, 8), cfg(32, 32, 4), cfg(32, 128, 8)])
+
+
+def _static_configs(head_dim, dtype, device):
+    """{"fwd", "bwd", "pre"}: the static defaults (ALIGNCLIP_AUTOTUNE=0, the ptxas report, the
+    work counter); under the interpreter one small fixed configuration."""
     block_d = max(16, next_pow2(head_dim))
+    pre = LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_M=32, BLOCK_N=64, BLOCK_D=block_d)
     major = cuda_arch(device)
     if major is None:
-        small = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-        return {"fwd": small, "bwd_kv": small, "bwd_q": small, "pre": small}
-    # Tiles sized from ptxas's reports (python -m alignclip_kernels.inspect): no spills and at
-    # least 8 resident warps per SM. Hopper keeps 4-warp forwards (one warpgroup per 64-row wgmma);
-    # Ampere's mma.sync forwards take 8 warps where 4 would sit at 255 registers.
-    wide = block_d > 64
-    stages = 3 if major >= 9 else 2
-    if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones
-        stages = 2
-        tile = 16 if wide else 32
-        fwd = dict(BLOCK_M=64 if not wide else 16, BLOCK_N=32 if not wide else 16,
-                   num_warps=4 if not wide and major >= 9 else 8)
-        kv = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
-        qb = dict(BLOCK_M=tile, BLOCK_N=tile, num_warps=8)
-    else:
-        fwd = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if wide and major < 9 else 4)
-        kv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8 if wide else 4)
-        qb = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8 if wide else 4)
-    pre = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
-    fwd, kv, qb = (dict(cfg, num_stages=stages) for cfg in (fwd, kv, qb))
-    return {key: dict(cfg, BLOCK_D=block_d) for key, cfg in
-            (("fwd", fwd), ("bwd_kv", kv), ("bwd_q", qb), ("pre", pre))}
+        small = LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
+        return {"fwd": small, "bwd": small, "pre": pre}
+    fwd, bwd = _tile_sets(block_d, dtype, major)
+    return {"fwd": fwd[0], "bwd": bwd[0], "pre": pre}
+
+
+def autotune_candidates(head_dim, dtype, device):
+    """{"fwd", "bwd"}: the configurations the autotuner times on CUDA (each one in the ptxas
+    report, spill-free); the static default is the first."""
+    major = cuda_arch(device)
+    if major is None:
+        static = _static_configs(head_dim, dtype, device)
+        return {"fwd": [static["fwd"]], "bwd": [static["bwd"]]}
+    fwd, bwd = _tile_sets(max(16, next_pow2(head_dim)), dtype, major)
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def _blocks_with_tails(n, block):
+    """Programs (or loop steps) for n rows in `block`-row blocks plus TAIL-row tails."""
+    full = n // block
+    return full + -(-(n - full * block) // TAIL)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _program(H, BLOCK: tl.constexpr):
-        """(flat batch·head index, batch, head, this program's row offsets) of a (rows, B·H) grid."""
-        pid_bh = tl.program_id(1)
-        return pid_bh, pid_bh // H, pid_bh % H, tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def _attn_fwd_inner(
+        q, m_i, l_i, acc, K, V, RowA, offs_m, offs_d, d_mask, lo, hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, stride_rr, N, R, qk_scale,
+        BLOCK_N: tl.constexpr, MASKED: tl.constexpr, STORE_ROWS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Online softmax over keys [lo, hi) in BLOCK_N steps; MASKED for the key tail."""
+        for start_n in range(lo, hi, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            kt_mask = d_mask[:, None] & n_mask[None, :] if MASKED else d_mask[:, None]
+            kt = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_mask,
+                         other=0.0)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            if MASKED:
+                s = tl.where(n_mask[None, :], s, float("-inf"))
+            if STORE_ROWS:   # raw scores of the probe rows, rescaled in the epilogue
+                tl.store(RowA + offs_m[:, None] * stride_rr + offs_n[None, :], s,
+                         mask=(offs_m < R)[:, None] & n_mask[None, :])
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_mask = n_mask[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_mask,
+                        other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
 
     @triton.jit
-    def _load_rows(ptr, rows, row_stride, cols, col_stride, row_mask, col_mask):
-        """A [rows, cols] tile, zero outside the masks."""
-        return tl.load(ptr + rows[:, None] * row_stride + cols[None, :] * col_stride,
-                       mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+    def _attn_fwd_keys(
+        q, K, V, RowA, offs_m, offs_d, d_mask, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_rr, N, R, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        STORE_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """All keys for one query block: full BLOCK_N blocks unmasked, then 16-key tails."""
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        full = (N // BLOCK_N) * BLOCK_N
+        m_i, l_i, acc = _attn_fwd_inner(q, m_i, l_i, acc, K, V, RowA, offs_m, offs_d, d_mask, 0,
+                                        full, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        stride_rr, N, R, qk_scale, BLOCK_N, False, STORE_ROWS,
+                                        PRECISION)
+        m_i, l_i, acc = _attn_fwd_inner(q, m_i, l_i, acc, K, V, RowA, offs_m, offs_d, d_mask, full,
+                                        N, stride_kn, stride_kd, stride_vn, stride_vd, stride_rr, N,
+                                        R, qk_scale, 16, True, STORE_ROWS, PRECISION)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _attn_fwd_rows(
+        Q, K, V, Out, DV, Lse, RowA, start_m, bh,
+        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_on, stride_dvn, stride_rr, N, R, D, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_ROWS: tl.constexpr, WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < N
+        d_mask = offs_d < D
+        io_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=io_mask,
+                    other=0.0)
+        probe = False
+        if HAS_ROWS:
+            probe = start_m < R
+        if probe:
+            m_i, l_i, acc = _attn_fwd_keys(q, K, V, RowA, offs_m, offs_d, d_mask, stride_kn,
+                                           stride_kd, stride_vn, stride_vd, stride_rr, N, R,
+                                           qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, True, PRECISION)
+        else:
+            m_i, l_i, acc = _attn_fwd_keys(q, K, V, RowA, offs_m, offs_d, d_mask, stride_kn,
+                                           stride_kd, stride_vn, stride_vd, stride_rr, N, R,
+                                           qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, False, PRECISION)
+        acc = acc / l_i[:, None]
+        tl.store(Out + offs_m[:, None] * stride_on + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                 mask=io_mask)
+        tl.store(Lse + bh * N + offs_m, m_i + tl.log2(l_i), mask=m_mask)
+        if WRITE_DV:
+            v_rows = tl.load(V + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                             mask=io_mask)
+            tl.store(DV + offs_m[:, None] * stride_dvn + offs_d[None, :], v_rows, mask=io_mask)
+        if probe:
+            # p = exp2(raw − lse) over the stored raw rows; other threads of this program stored
+            # the raw scores and the LSE, hence the barrier.
+            tl.debug_barrier()
+            for i in range(0, BLOCK_M, 16):
+                offs_r = start_m + i + tl.arange(0, 16)
+                if start_m + i < R:
+                    r_mask = (offs_r < R) & (offs_r < N)
+                    lse_r = tl.load(Lse + bh * N + offs_r, mask=r_mask, other=0.0)
+                    for c0 in range(0, N, 64):
+                        offs_c = c0 + tl.arange(0, 64)
+                        mask = r_mask[:, None] & (offs_c < N)[None, :]
+                        raw = tl.load(RowA + offs_r[:, None] * stride_rr + offs_c[None, :],
+                                      mask=mask, other=0.0)
+                        tl.store(RowA + offs_r[:, None] * stride_rr + offs_c[None, :],
+                                 tl.exp2(raw - lse_r[:, None]), mask=mask)
 
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, Out, DV, Lse, RowA,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-        sob, son, sdvb, sdvn, srb, srh, srr,
-        H, N, R, D, qk_scale,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_on,
+        stride_dvb, stride_dvn,
+        stride_rb, stride_rh, stride_rr,
+        H, N, R, D, N_BUCKET, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PROBE_M: tl.constexpr, WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_ROWS: tl.constexpr, WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
         pid_m = tl.program_id(0)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < N
-        d_mask = offs_d < D
-        Q += b * sqb + h * sqh
-        K += b * skb + h * skh
-        V += b * svb + h * svh
-        q = _load_rows(Q, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(V, offs_n, svn, offs_d, svd, n_mask, d_mask)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-        acc = acc / l_i[:, None]
-        lse = m_i + tl.log2(l_i)
-        io_mask = m_mask[:, None] & d_mask[None, :]
-        tl.store(Out + b * sob + offs_m[:, None] * son + h * D + offs_d[None, :],
-                 acc.to(Out.dtype.element_ty), mask=io_mask)
-        tl.store(Lse + pid_bh * N + offs_m, lse, mask=m_mask)
-        if WRITE_DV:
-            v_rows = tl.load(V + offs_m[:, None] * svn + offs_d[None, :] * svd, mask=io_mask)
-            tl.store(DV + b * sdvb + offs_m[:, None] * sdvn + h * D + offs_d[None, :], v_rows,
-                     mask=io_mask)
-        if pid_m * BLOCK_M < R:
-            # Exact probabilities of the probe rows, from the final log-sum-exp. PROBE_M rows at
-            # a time (16 for the CLS row alone, not the whole block): their q and LSE are read
-            # back, the LSE after a barrier since other threads of this program stored it.
-            tl.debug_barrier()
-            RowA += b * srb + h * srh
-            r_end = tl.minimum(R, pid_m * BLOCK_M + BLOCK_M)
-            for r0 in range(pid_m * BLOCK_M, r_end, PROBE_M):
-                offs_r = r0 + tl.arange(0, PROBE_M)
-                r_mask = offs_r < r_end
-                q_r = _load_rows(Q, offs_r, sqn, offs_d, sqd, r_mask, d_mask)
-                lse_r = tl.load(Lse + pid_bh * N + offs_r, mask=r_mask, other=0.0)
-                for start_n in range(0, N, BLOCK_N):
-                    offs_n = start_n + tl.arange(0, BLOCK_N)
-                    n_mask = offs_n < N
-                    kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                                 mask=d_mask[:, None] & n_mask[None, :], other=0.0)
-                    p = tl.exp2(tl.dot(q_r, kt, input_precision=PRECISION) * qk_scale - lse_r[:, None])
-                    tl.store(RowA + offs_r[:, None] * srr + offs_n[None, :], p,
-                             mask=r_mask[:, None] & n_mask[None, :])
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        Out += b * stride_ob + h * D
+        DV += b * stride_dvb + h * D
+        RowA += b * stride_rb + h * stride_rh
+        full = N // BLOCK_M
+        if pid_m < full:
+            _attn_fwd_rows(Q, K, V, Out, DV, Lse, RowA, pid_m * BLOCK_M, bh, stride_qn, stride_qd,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_dvn,
+                           stride_rr, N, R, D, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, HAS_ROWS,
+                           WRITE_DV, PRECISION)
+        else:
+            _attn_fwd_rows(Q, K, V, Out, DV, Lse, RowA, full * BLOCK_M + (pid_m - full) * 16, bh,
+                           stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_on, stride_dvn, stride_rr, N, R, D, qk_scale, 16, BLOCK_N,
+                           BLOCK_D, HAS_ROWS, WRITE_DV, PRECISION)
 
     @triton.jit
     def _attn_bwd_preprocess_kernel(
-        Out, DO, Delta, RowA, DRowA,
-        sob, son, sdob, sdon, sdod, srb, srh, srr, sdrb, sdrh, sdrr, sdrn,
+        Out, DO, Delta, DQAcc, RowA, DRowA,
+        stride_ob, stride_on,
+        stride_dob, stride_don, stride_dod,
+        stride_rb, stride_rh, stride_rr,
+        stride_drb, stride_drh, stride_drr, stride_drn,
         H, N, R, D,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr,
     ):
-        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
-        pid_m = tl.program_id(0)
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         io_mask = m_mask[:, None] & (offs_d < D)[None, :]
-        o = tl.load(Out + b * sob + offs_m[:, None] * son + h * D + offs_d[None, :],
+        o = tl.load(Out + b * stride_ob + offs_m[:, None] * stride_on + h * D + offs_d[None, :],
                     mask=io_mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdob + offs_m[:, None] * sdon + (h * D + offs_d[None, :]) * sdod,
-                     mask=io_mask, other=0.0).to(tl.float32)
-        delta = tl.sum(o * do, 1)
+        do = tl.load(DO + b * stride_dob + offs_m[:, None] * stride_don
+                     + (h * D + offs_d[None, :]) * stride_dod, mask=io_mask, other=0.0).to(tl.float32)
+        delta = tl.sum(o * do, axis=1)
         if HAS_DROW:
-            if pid_m * BLOCK_M < R:
+            if start_m < R:
                 r_mask = offs_m < R
                 for start_n in range(0, N, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     mask = r_mask[:, None] & (offs_n < N)[None, :]
-                    a = tl.load(RowA + b * srb + h * srh + offs_m[:, None] * srr + offs_n[None, :],
-                                mask=mask, other=0.0)
-                    da = tl.load(DRowA + b * sdrb + h * sdrh + offs_m[:, None] * sdrr
-                                 + offs_n[None, :] * sdrn, mask=mask, other=0.0).to(tl.float32)
-                    delta += tl.sum(a * da, 1)
-        tl.store(Delta + pid_bh * N + offs_m, delta, mask=m_mask)
+                    a = tl.load(RowA + b * stride_rb + h * stride_rh + offs_m[:, None] * stride_rr
+                                + offs_n[None, :], mask=mask, other=0.0)
+                    da = tl.load(DRowA + b * stride_drb + h * stride_drh + offs_m[:, None] * stride_drr
+                                 + offs_n[None, :] * stride_drn, mask=mask, other=0.0).to(tl.float32)
+                    delta += tl.sum(a * da, axis=1)
+        tl.store(Delta + bh * N + offs_m, delta, mask=m_mask)
+        tl.store(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=m_mask[:, None])
 
     @triton.jit
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, Lse, Delta, DRowA, DDV, DK, DVin,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-        sdob, sdon, sdod, sdrb, sdrh, sdrr, sdrn, sddb, sddn, sddc,
-        sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-        H, N, R, D, qk_scale, sm_scale,
+    def _attn_bwd_inner(
+        dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask, lo, hi, bh,
+        stride_qn, stride_qd, stride_don, stride_dod, N, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Query blocks [lo, hi) against one key block: the five products per tile pair."""
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < N
+            row_mask = m_mask[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
+            q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=row_mask, other=0.0)
+            do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                         mask=row_mask, other=0.0)
+            if MASKED:
+                lse = tl.load(Lse + bh * N + offs_m, mask=m_mask, other=float("inf"))
+                delta = tl.load(Delta + bh * N + offs_m, mask=m_mask, other=0.0)
+            else:
+                lse = tl.load(Lse + bh * N + offs_m)
+                delta = tl.load(Delta + bh * N + offs_m)
+            pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=PRECISION)
+            dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
+            tl.atomic_add(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :], dq,
+                          mask=m_mask[:, None] & d_mask[None, :])
+        return dk, dv
+
+    @triton.jit
+    def _attn_bwd_keys(
+        Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin, start_n, bh,
+        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+        stride_don, stride_dod, stride_rr, stride_drr, stride_drn, stride_ddn, stride_ddc,
+        stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+        N, R, D, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr, HAS_DDV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid_bh, b, h, offs_n = _program(H, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         n_mask = offs_n < N
         d_mask = offs_d < D
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = _load_rows(K + b * skb + h * skh, offs_n, skn, offs_d, skd, n_mask, d_mask)
-        v = _load_rows(V + b * svb + h * svh, offs_n, svn, offs_d, svd, n_mask, d_mask)
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
+                    other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        Q += b * sqb + h * sqh
-        DO += b * sdob + h * D * sdod
-        for start_m in range(0, N, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < N
-            q = _load_rows(Q, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
-            do = _load_rows(DO, offs_m, sdon, offs_d, sdod, m_mask, d_mask)
-            lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_mask, other=float("inf"))
-            delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_mask, other=0.0)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-            pt = tl.exp2(st - lse[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if HAS_DROW:
-                if start_m < R:
-                    da_mask = n_mask[:, None] & (offs_m < R)[None, :]
-                    dpt += tl.load(DRowA + b * sdrb + h * sdrh + offs_m[None, :] * sdrr
-                                   + offs_n[:, None] * sdrn, mask=da_mask, other=0.0).to(tl.float32)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        full = (N // BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_inner(dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask, 0,
+                                 full, bh, stride_qn, stride_qd, stride_don, stride_dod, N,
+                                 qk_scale, BLOCK_M, BLOCK_D, False, PRECISION)
+        dk, dv = _attn_bwd_inner(dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask,
+                                 full, N, bh, stride_qn, stride_qd, stride_don, stride_dod, N,
+                                 qk_scale, 16, BLOCK_D, True, PRECISION)
+        if HAS_DROW:   # dK += Σ_{i<R} (P_i ∘ dA_i)ᵀ q_i, one rank-one update per probe row
+            for r in range(0, R):
+                p_r = tl.load(RowA + r * stride_rr + offs_n, mask=n_mask, other=0.0)
+                da_r = tl.load(DRowA + r * stride_drr + offs_n * stride_drn, mask=n_mask,
+                               other=0.0).to(tl.float32)
+                q_r = tl.load(Q + r * stride_qn + offs_d * stride_qd, mask=d_mask, other=0.0)
+                dk = outer_fma(dk, p_r * da_r, q_r)
         dk *= sm_scale
         if HAS_DDV:
-            dv += tl.load(DDV + b * sddb + offs_n[:, None] * sddn + (h * D + offs_d[None, :]) * sddc,
+            dv += tl.load(DDV + offs_n[:, None] * stride_ddn + offs_d[None, :] * stride_ddc,
                           mask=kv_mask, other=0.0).to(tl.float32)
-        tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+        tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DVin + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+        tl.store(DVin + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
                  dv.to(DVin.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
-    def _attn_bwd_dq_kernel(
-        Q, K, V, DO, Lse, Delta, DRowA, DQ,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-        sdob, sdon, sdod, sdrb, sdrh, sdrr, sdrn, sdqb, sdqh, sdqn, sdqd,
-        H, N, R, D, qk_scale, sm_scale,
+    def _attn_bwd_main_kernel(
+        Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin,
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_don, stride_dod,
+        stride_rb, stride_rh, stride_rr,
+        stride_drb, stride_drh, stride_drr, stride_drn,
+        stride_ddb, stride_ddn, stride_ddc,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        H, N, R, D, N_BUCKET, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_DROW: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_DROW: tl.constexpr, HAS_DDV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid_bh, b, h, offs_m = _program(H, BLOCK_M)
-        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        Q += b * stride_qb + h * stride_qh
+        K += b * stride_kb + h * stride_kh
+        V += b * stride_vb + h * stride_vh
+        DO += b * stride_dob + h * D * stride_dod
+        RowA += b * stride_rb + h * stride_rh
+        DRowA += b * stride_drb + h * stride_drh
+        DDV += b * stride_ddb + h * D * stride_ddc
+        DK += b * stride_dkb + h * stride_dkh
+        DVin += b * stride_dvb + h * stride_dvh
+        full = N // BLOCK_N
+        if pid_n < full:
+            _attn_bwd_keys(Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin,
+                           pid_n * BLOCK_N, bh, stride_qn, stride_qd, stride_kn, stride_kd,
+                           stride_vn, stride_vd, stride_don, stride_dod, stride_rr, stride_drr,
+                           stride_drn, stride_ddn, stride_ddc, stride_dkn, stride_dkd, stride_dvn,
+                           stride_dvd, N, R, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D,
+                           HAS_DROW, HAS_DDV, PRECISION)
+        else:
+            _attn_bwd_keys(Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin,
+                           full * BLOCK_N + (pid_n - full) * 16, bh, stride_qn, stride_qd,
+                           stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+                           stride_rr, stride_drr, stride_drn, stride_ddn, stride_ddc, stride_dkn,
+                           stride_dkd, stride_dvn, stride_dvd, N, R, D, qk_scale, sm_scale, BLOCK_M,
+                           16, BLOCK_D, HAS_DROW, HAS_DDV, PRECISION)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        DQAcc, K, RowA, DRowA, DQ,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_rb, stride_rh, stride_rr,
+        stride_drb, stride_drh, stride_drr, stride_drn,
+        stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+        H, N, R, D, sm_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_DROW: tl.constexpr,
+    ):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         d_mask = offs_d < D
-        q_mask = m_mask[:, None] & d_mask[None, :]
-        q = _load_rows(Q + b * sqb + h * sqh, offs_m, sqn, offs_d, sqd, m_mask, d_mask)
-        do = _load_rows(DO + b * sdob + h * D * sdod, offs_m, sdon, offs_d, sdod, m_mask, d_mask)
-        lse = tl.load(Lse + pid_bh * N + offs_m, mask=m_mask, other=float("inf"))
-        delta = tl.load(Delta + pid_bh * N + offs_m, mask=m_mask, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        K += b * skb + h * skh
-        V += b * svb + h * svh
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < N
-            k = _load_rows(K, offs_n, skn, offs_d, skd, n_mask, d_mask)
-            v = _load_rows(V, offs_n, svn, offs_d, svd, n_mask, d_mask)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.where(n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if HAS_DROW:
-                if pid_m * BLOCK_M < R:
-                    da_mask = (offs_m < R)[:, None] & n_mask[None, :]
-                    dp += tl.load(DRowA + b * sdrb + h * sdrh + offs_m[:, None] * sdrr
-                                  + offs_n[None, :] * sdrn, mask=da_mask, other=0.0).to(tl.float32)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dq *= sm_scale
-        tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        dq = tl.load(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                     mask=m_mask[:, None], other=0.0)
+        if HAS_DROW:   # dQ_i += Σ_j P_ij dA_ij k_j for the probe rows of this block
+            if start_m < R:
+                K += b * stride_kb + h * stride_kh
+                RowA += b * stride_rb + h * stride_rh
+                DRowA += b * stride_drb + h * stride_drh
+                for i in range(0, BLOCK_M):
+                    r = start_m + i
+                    if r < R:
+                        row = tl.zeros([BLOCK_D], tl.float32)
+                        for start_n in range(0, N, BLOCK_N):
+                            offs_n = start_n + tl.arange(0, BLOCK_N)
+                            n_mask = offs_n < N
+                            p_r = tl.load(RowA + r * stride_rr + offs_n, mask=n_mask, other=0.0)
+                            da_r = tl.load(DRowA + r * stride_drr + offs_n * stride_drn,
+                                           mask=n_mask, other=0.0).to(tl.float32)
+                            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                            row += gemv_t(k, p_r * da_r)
+                        dq = tl.where(offs_m[:, None] == r, dq + row[None, :], dq)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn
+                 + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _launch_opts(cfg):
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+_TUNERS = {}
 
 
-def _blocks(cfg, *names):
-    return {name: cfg[name] for name in names}
+def _autotuned(name, kernel, candidates, key, reset_to_zero=None):
+    """One `triton.autotune` wrapper per (kernel, candidate list), built on first use."""
+    cache_key = (name, tuple(candidates))
+    if cache_key not in _TUNERS:
+        _TUNERS[cache_key] = triton.autotune(
+            configs=[c.to_triton() for c in candidates], key=key, reset_to_zero=reset_to_zero,
+            cache_results=True)(kernel)
+    return _TUNERS[cache_key]
+
+
+def _use_autotune(device, config):
+    return config is None and autotune_enabled() and cuda_arch(device) is not None \
+        and device.type == "cuda"
+
+
+def _attention_fwd(q, k, v, rows, scale, dv_out, config=None):
+    """(out [B, N, H·D], lse [B·H·N] fp32 base 2, row_attn [B, H, R, N] fp32 or None).
+
+    Writes v with merged heads into `dv_out` when it is a tensor (a copy for the D-V branch)."""
+    b, h, n, d = q.shape
+    dev = q.device
+    static = _static_configs(d, q.dtype, dev)
+    out = torch.empty((b, n, h * d), dtype=q.dtype, device=dev)
+    lse = torch.empty((b * h * n,), dtype=torch.float32, device=dev)
+    row_attn = torch.empty((b, h, rows, n), dtype=torch.float32, device=dev) if rows > 0 else None
+    unused = placeholder(dev)
+    row_arg = row_attn if row_attn is not None else unused
+    dv_arg = dv_out if dv_out is not None else unused
+    args = dict(
+        Q=q, K=k, V=v, Out=out, DV=dv_arg, Lse=lse, RowA=row_arg,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_ob=out.stride(0), stride_on=out.stride(1),
+        stride_dvb=dv_arg.stride(0) if dv_out is not None else 0,
+        stride_dvn=dv_arg.stride(1) if dv_out is not None else 0,
+        stride_rb=row_arg.stride(0) if rows else 0, stride_rh=row_arg.stride(1) if rows else 0,
+        stride_rr=row_arg.stride(2) if rows else 0,
+        H=h, N=n, R=rows, D=d, N_BUCKET=next_pow2(n), qk_scale=scale * LOG2E,
+        HAS_ROWS=rows > 0, WRITE_DV=dv_out is not None, PRECISION=dot_precision(q),
+    )
+    if _use_autotune(dev, config):
+        candidates = autotune_candidates(d, q.dtype, dev)["fwd"]
+        tuned = _autotuned("fwd", _attn_fwd_kernel, candidates, ["N_BUCKET", "D", "HAS_ROWS"])
+        tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_M"]), b * h)](**args)
+    else:
+        config = config or static["fwd"]
+        _attn_fwd_kernel[(_blocks_with_tails(n, config["BLOCK_M"]), b * h)](**args, **config.kwargs)
+    return out, lse, row_attn
+
+
+def _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale, dq, dk, dv,
+                   config=None):
+    """Write dq, dk, dv (preallocated, any strides; views of one packed buffer for split_qkv)."""
+    b, h, n, d = q.shape
+    dev = q.device
+    static = _static_configs(d, q.dtype, dev)
+    block_d = static["bwd"]["BLOCK_D"]
+    if d_out is None:
+        d_out = torch.zeros_like(out)
+    has_drow = d_rows is not None and rows > 0
+    has_ddv = d_dv is not None
+    unused = placeholder(dev)
+    row_arg = row_attn if row_attn is not None else unused
+    drow_arg = d_rows if has_drow else unused
+    ddv_arg = d_dv if has_ddv else unused
+    delta = torch.empty_like(lse)
+    dq_acc = torch.empty((b * h * n, block_d), dtype=torch.float32, device=dev)
+    row_strides = dict(stride_rb=row_arg.stride(0) if rows else 0,
+                       stride_rh=row_arg.stride(1) if rows else 0,
+                       stride_rr=row_arg.stride(2) if rows else 0)
+    drow_strides = dict(stride_drb=drow_arg.stride(0) if has_drow else 0,
+                        stride_drh=drow_arg.stride(1) if has_drow else 0,
+                        stride_drr=drow_arg.stride(2) if has_drow else 0,
+                        stride_drn=drow_arg.stride(3) if has_drow else 0)
+    pre = static["pre"]
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n, pre["BLOCK_M"]), b * h)](
+        Out=out, DO=d_out, Delta=delta, DQAcc=dq_acc, RowA=row_arg, DRowA=drow_arg,
+        stride_ob=out.stride(0), stride_on=out.stride(1),
+        stride_dob=d_out.stride(0), stride_don=d_out.stride(1), stride_dod=d_out.stride(2),
+        **row_strides, **drow_strides,
+        H=h, N=n, R=rows, D=d, HAS_DROW=has_drow, **pre.replace(BLOCK_D=block_d).kwargs,
+    )
+    args = dict(
+        Q=q, K=k, V=v, DO=d_out, Lse=lse, Delta=delta, DQAcc=dq_acc, RowA=row_arg, DRowA=drow_arg,
+        DDV=ddv_arg, DK=dk, DVin=dv,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_dob=d_out.stride(0), stride_don=d_out.stride(1), stride_dod=d_out.stride(2),
+        **row_strides, **drow_strides,
+        stride_ddb=ddv_arg.stride(0) if has_ddv else 0,
+        stride_ddn=ddv_arg.stride(1) if has_ddv else 0,
+        stride_ddc=ddv_arg.stride(2) if has_ddv else 0,
+        stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2),
+        stride_dkd=dk.stride(3),
+        stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
+        stride_dvd=dv.stride(3),
+        H=h, N=n, R=rows, D=d, N_BUCKET=next_pow2(n), qk_scale=scale * LOG2E, sm_scale=scale,
+        HAS_DROW=has_drow, HAS_DDV=has_ddv, PRECISION=dot_precision(q),
+    )
+    if _use_autotune(dev, config):
+        candidates = autotune_candidates(d, q.dtype, dev)["bwd"]
+        tuned = _autotuned("bwd", _attn_bwd_main_kernel, candidates,
+                           ["N_BUCKET", "D", "HAS_DROW"], reset_to_zero=["DQAcc"])
+        tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_N"]), b * h)](**args)
+    else:
+        config = config or static["bwd"]
+        _attn_bwd_main_kernel[(_blocks_with_tails(n, config["BLOCK_N"]), b * h)](
+            **args, **config.kwargs)
+    _attn_bwd_dq_kernel[(triton.cdiv(n, pre["BLOCK_M"]), b * h)](
+        DQAcc=dq_acc, K=k, RowA=row_arg, DRowA=drow_arg, DQ=dq,
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        **row_strides, **drow_strides,
+        stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqn=dq.stride(2),
+        stride_dqd=dq.stride(3),
+        H=h, N=n, R=rows, D=d, sm_scale=scale, HAS_DROW=has_drow,
+        **pre.replace(BLOCK_D=block_d).kwargs,
+    )
+
+
+def _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale):
+    ctx.save_for_backward(q, k, v, out, lse, row_attn)
+    ctx.rows, ctx.scale = rows, scale
 
 
 class _DualAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rows, scale, return_dv):
-        b, h, n, d = q.shape
-        cfgs = attention_configs(d, q.dtype, q.device)
-        out = torch.empty((b, n, h * d), dtype=q.dtype, device=q.device)
-        lse = torch.empty((b * h * n,), dtype=torch.float32, device=q.device)
-        dv = _merged_view(v) if return_dv else None
-        write_dv = return_dv and dv is None
-        if write_dv:
-            dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device)
-        row_attn = (torch.empty((b, h, rows, n), dtype=torch.float32, device=q.device)
-                    if rows > 0 else None)
-        dv_arg = dv if write_dv else out
-        row_arg = row_attn if row_attn is not None else lse
-        row_strides = row_attn.stride()[:3] if row_attn is not None else (0, 0, 0)
-        cfg = cfgs["fwd"]
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
-        _attn_fwd_kernel[grid](
-            q, k, v, out, dv_arg, lse, row_arg,
-            *q.stride(), *k.stride(), *v.stride(),
-            out.stride(0), out.stride(1), dv_arg.stride(0), dv_arg.stride(1), *row_strides,
-            h, n, rows, d, scale * LOG2E,
-            **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
-            PROBE_M=16 if rows <= 16 else cfg["BLOCK_M"],
-            WRITE_DV=write_dv, PRECISION=dot_precision(q), **_launch_opts(cfg),
-        )
-        ctx.save_for_backward(q, k, v, out, lse, row_attn)
-        ctx.scale = scale
-        ctx.rows = rows
-        ctx.set_materialize_grads(False)
-        return out, dv, row_attn
+    """Eager autograd: dv may be a view of v, and packed inputs get one packed gradient buffer."""
 
     @staticmethod
-    def backward(ctx, d_out, d_dv, d_rows):
+    def forward(q, k, v, rows, scale, return_dv):
+        dv = merged_view(v) if return_dv else None
+        write_dv = return_dv and dv is None
+        if write_dv:
+            b, h, n, d = v.shape
+            dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device)
+        out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv if write_dv else None)
+        return out, dv, row_attn, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, rows, scale, _ = inputs
+        out, _, row_attn, lse = output
+        _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, d_out, d_dv, d_rows, _d_lse):
+        refuse_double_backward("dual_attention")
         q, k, v, out, lse, row_attn = ctx.saved_tensors
-        b, h, n, d = q.shape
-        rows, scale = ctx.rows, ctx.scale
-        cfgs = attention_configs(d, q.dtype, q.device)
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        has_drow = d_rows is not None
-        has_ddv = d_dv is not None
-        delta = torch.empty_like(lse)
-        drow_arg = d_rows if has_drow else lse
-        drow_strides = d_rows.stride() if has_drow else (0, 0, 0, 0)
-        row_arg = row_attn if row_attn is not None else lse
-        row_strides = row_attn.stride()[:3] if row_attn is not None else (0, 0, 0)
-        ddv_arg = d_dv if has_ddv else d_out
-        cfg = cfgs["pre"]
-        _attn_bwd_preprocess_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-            out, d_out, delta, row_arg, drow_arg,
-            out.stride(0), out.stride(1), *d_out.stride(), *row_strides, *drow_strides,
-            h, n, rows, d, **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
-            HAS_DROW=has_drow, **_launch_opts(cfg),
-        )
-        if _is_packed(q, k, v):   # one packed gradient buffer, handed on by split_qkv as is
+        if _is_packed(q, k, v):
+            b, h, n, d = q.shape
             dq, dk, dv = _packed_views(torch.empty((b, n, 3, h, d), dtype=q.dtype, device=q.device))
         else:
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        precision = dot_precision(q)
-        cfg = cfgs["bwd_kv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
-            q, k, v, d_out, lse, delta, drow_arg, ddv_arg, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *drow_strides,
-            *ddv_arg.stride(), *dk.stride(), *dv.stride(),
-            h, n, rows, d, scale * LOG2E, scale,
-            **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
-            HAS_DROW=has_drow, HAS_DDV=has_ddv, PRECISION=precision, **_launch_opts(cfg),
-        )
-        cfg = cfgs["bwd_q"]
-        _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-            q, k, v, d_out, lse, delta, drow_arg, dq,
-            *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *drow_strides, *dq.stride(),
-            h, n, rows, d, scale * LOG2E, scale,
-            **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"),
-            HAS_DROW=has_drow, PRECISION=precision, **_launch_opts(cfg),
-        )
+        _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, ctx.rows, ctx.scale,
+                       dq, dk, dv)
         return dq, dk, dv, None, None, None
+
+
+@torch.library.custom_op("alignclip::dual_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, rows: int, scale: float,
+                  return_dv: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    b, h, n, d = q.shape
+    dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device) if return_dv else None
+    out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv)
+    empty = q.new_empty(0)
+    return out, (dv if return_dv else empty), (row_attn if rows else empty.float()), lse
+
+
+@_attention_op.register_fake
+def _(q, k, v, rows, scale, return_dv):
+    b, h, n, d = q.shape
+    return (q.new_empty((b, n, h * d)), q.new_empty((b, n, h * d) if return_dv else (0,)),
+            q.new_empty((b, h, rows, n) if rows else (0,), dtype=torch.float32),
+            q.new_empty((b * h * n,), dtype=torch.float32))
+
+
+@torch.library.custom_op("alignclip::dual_attention_backward", mutates_args=())
+def _attention_bwd_op(d_out: Optional[Tensor], d_dv: Optional[Tensor], d_rows: Optional[Tensor],
+                      q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, row_attn: Tensor,
+                      rows: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn if rows else None, rows, scale,
+                   dq, dk, dv)
+    return dq, dk, dv
+
+
+@_attention_bwd_op.register_fake
+def _(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _op_setup_context(ctx, inputs, output):
+    q, k, v, rows, scale, _ = inputs
+    out, _, row_attn, lse = output
+    _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale)
+    ctx.set_materialize_grads(False)
+
+
+def _op_backward(ctx, d_out, d_dv, d_rows, _d_lse):
+    refuse_double_backward("dual_attention")
+    q, k, v, out, lse, row_attn = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(d_out, d_dv if d_dv is not None and d_dv.numel() else None,
+                                   d_rows if ctx.rows else None, q, k, v, out, lse, row_attn,
+                                   ctx.rows, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True):
@@ -471,9 +788,14 @@ def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True):
     row_attn [B, H, rows, N] fp32 or None when rows == 0)`.
     """
     scale = _check_inputs(q, k, v, rows, scale)
+    return_dv = bool(return_dv)
     if not runs_triton(q):
         return _torch_dual_attention(q, k, v, rows, scale, return_dv)
-    return _DualAttention.apply(q, k, v, rows, scale, bool(return_dv))
+    if torch.compiler.is_compiling():
+        out, dv, row_attn, _ = _attention_op(q, k, v, rows, scale, return_dv)
+    else:
+        out, dv, row_attn, _ = _DualAttention.apply(q, k, v, rows, scale, return_dv)
+    return out, (dv if return_dv else None), (row_attn if rows else None)
 
 
 def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls_attn=True):
@@ -481,4 +803,3 @@ def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls
     out, dv, rows = dual_attention(q, k, v, rows=1 if return_cls_attn else 0, scale=scale,
                                    return_dv=return_dv)
     return out, dv, rows[:, :, 0] if rows is not None else None
-

@@ -15,6 +15,8 @@ Two choices where SPEC.md leaves the edge open (the fused kernels make the same 
 import torch
 import torch.nn.functional as F
 
+from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
+
 TINY = torch.finfo(torch.float32).tiny
 NORM_EPS = 1e-12
 
@@ -48,7 +50,7 @@ def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls
     return out, dv, rows[:, :, 0] if rows is not None else None
 
 
-def token_text_target(tokens, text, labels, *, temperature=1.0):
+def token_text_target(tokens, text, labels, *, temperature=TEMPERATURE):
     """G[b, n] = softmax_n(cos(tokens[b, n], text[labels[b]]) / temperature)."""
     sd = _stat_dtype(tokens.dtype)
     u = F.normalize(tokens.to(sd), dim=-1, eps=NORM_EPS)
@@ -73,6 +75,11 @@ def aal_kl_loss(cls_attn, target):
     return (_xlogx(g) - g * attn.log()).sum() / g.shape[0]
 
 
+def aal_loss(cls_attn, tokens, text, labels, *, temperature=TEMPERATURE):
+    """The AAL with its target from the D-V tokens: aal_kl_loss(cls_attn, token_text_target(...))."""
+    return aal_kl_loss(cls_attn, token_text_target(tokens, text, labels, temperature=temperature))
+
+
 def similarity_align_loss(tokens, tokens_dv, text):
     """KL(Q || Pr) batchmean, Pr and Q the patch-axis softmaxes of both paths' cosine maps."""
     sd = _stat_dtype(tokens.dtype)
@@ -84,14 +91,14 @@ def similarity_align_loss(tokens, tokens_dv, text):
     return (log_q.exp() * (log_q - log_p)).sum() / tokens.shape[0]
 
 
-def class_distribution(text, *, smoothing=35.0):
+def class_distribution(text, *, smoothing=SMOOTHING):
     sd = _stat_dtype(text.dtype)
     t = text.to(sd)
     return torch.softmax(t @ t.T * smoothing, dim=1)
 
 
-def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=0.3, logit_scale=100.0,
-                 epsilon=0.9):
+def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=MARGIN_ALPHA,
+                 logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON):
     """Soft-target cross-entropy over CLIPood's margin logits; returns (loss, logits)."""
     sd = _stat_dtype(image_features.dtype)
     f = F.normalize(image_features.to(sd), dim=-1, eps=NORM_EPS)

@@ -1,66 +1,103 @@
-r"""Similarity alignment: KL(Q ‖ Pr) between both paths' patch-to-class maps (SPEC.md section 4).
+r"""Similarity alignment: KL(Q ‖ Pr) between the two paths' patch-to-class maps.
 
-    S[b, n, c] = û_n · t̂_c,  S_dv likewise from the D-V tokens,   (û = u / max(‖u‖, ε))
+For tokens u, u_dv [B, P, E] of the original and D-V paths and text t [K, E]:
+
+    S[b, n, c] = û_n · t̂_c,  S_dv likewise from u_dv,   (x̂ = x / max(‖x‖, ε))
     Pr = softmax_n S,  Q = softmax_n S_dv,   loss = (1/B) Σ_{b,c} KL_c,  KL_c = Σ_n Q (log Q − log Pr)
 
-|S| ≤ 1, so the softmax needs no running maximum: with l_p = Σ_n e^{S−1}, l_q = Σ_n e^{S_dv−1},
-w = Σ_n e^{S_dv−1} (S_dv − S), each column's KL_c = w / l_q − log(l_q / l_p) in one pass.
-Nothing of size [B, P, K] is stored: the forward keeps (l_p, l_q, KL) per (b, c) and the backward
-recomputes S tile by tile. With g = d loss / B:
+|S| ≤ 1, so the patch softmax needs no running maximum: with l_p = Σ_n e^{S−1},
+l_q = Σ_n e^{S_dv−1} and w = Σ_n e^{S_dv−1} (S_dv − S), KL_c = w / l_q − log(l_q / l_p), and
+all three sums are additive over patch blocks. Nothing of size [B, P, K] is stored. With
+g = d loss / B:
 
-    dS_dv = g Q (S_dv − S − log(l_q/l_p) − KL_c),     dS = g (Pr − Q)
-    dû_n = Σ_c dS t̂_c,   du_n = (dû_n − [‖u_n‖ ≥ ε] û_n Σ_c dS S) / max(‖u_n‖, ε)
-    dt̂_c = Σ_{b,n} dS û_n + dS_dv û_dv_n,  dt_c = (dt̂_c − [‖t_c‖ ≥ ε] t̂_c (t̂_c·dt̂_c)) / max(‖t_c‖, ε)
+    dS_dv = g Q (S_dv − S − log(l_q / l_p) − KL_c),     dS = g (Pr − Q)
+    dû_n = Σ_c dS t̂_c,   du_n = (dû_n − [‖u_n‖ ≥ ε] û_n r_n) / max(‖u_n‖, ε),  r_n = Σ_c dS S
+    dt̂_c = Σ_{b,n} dS û_n + dS_dv û_dv_n,  then the normalisation's backward for each text row
 
-Forward: one launch over (B, class blocks). Backward: one launch over (B, patch blocks) for the
-tokens of both paths, plus, only when text needs a gradient, a second that projects the
-atomically accumulated dt̂ onto the tangent space of each text row.
+Forward, one launch over (image, class block[, patch split]): a program holds BLOCK_K classes and
+streams the image's patch blocks; when B × class blocks alone would leave multiprocessors idle
+(few classes), an image's patches are split over programs that add their (l_p, l_q, w)
+atomically, the last of them finishing the KL. Backward, one launch over (image, patch block):
+the program holds both paths' dû accumulators for ACC_E columns (all of E = 512 in 16-bit) and
+streams the classes, computing each S tile once per pass (its E chunks come from L1); with
+d(text) the unprojected d t̂ is accumulated atomically and a second, K-row launch applies the
+normalisation's backward. Classes come in full BLOCK_K blocks on tensor
+cores plus one tail of K mod BLOCK_K: on tensor cores padded to a power of two when it is 16
+or more, else on CUDA cores, one class at a time in the backward.
+
+Necessary multiply-adds (`roofline.similarity_align`): 2·B·P·K·E forward (S, S_dv); 4·B·P·K·E
+backward (S, S_dv again, since nothing [B, P, K] is kept, and dû, dû_dv); 2·B·P·K·E more for
+d(text).
 """
 import torch
+from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, dot_precision, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, dot_precision, next_pow2, runs_triton
+from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .kernel_utils import fma_dot, gemv_t, inv_norm, last_to_arrive, normalize_backward, outer_fma
+
 EPS = reference.NORM_EPS
 
 
-def similarity_configs(device, dtype, backward=False):
+FMA_E = 16   # E step of the CUDA-core class tail: its [patches, E step, classes] product stays small
+
+
+def similarity_configs(e, dtype, device, text_grad=False):
+    """(forward, backward) configurations.
+
+    The backward holds two fp32 [BLOCK_P, ACC_E] accumulators in registers and streams token
+    rows and text through L1 for each class block (held as tensor-core operands with K = E they
+    would be replicated in every warp). 16-bit inputs take the whole E = 512 in one pass with
+    BLOCK_K = 32 (BLOCK_K = 16 spills on ptxas: more, smaller dots); fp32 (three-pass TF32
+    operands, twice as wide) and d(text) take a quarter of it per pass, and fp32's d(text) runs
+    one class at a time on CUDA cores (see ptxas_report).
+    """
+    e_pad = next_pow2(e)
     if cuda_arch(device) is None:
-        return dict(BLOCK_P=32, BLOCK_K=16, BLOCK_E=32, num_warps=4, num_stages=1)
-    # The backward holds two [BLOCK_P, BLOCK_E] accumulators beside the recomputed tiles of both
-    # paths: 16-row tiles keep it at about 125-155 registers and 12-16 resident warps per SM for
-    # every dtype; fp32 (tf32x3) operands are twice as wide, so its forward tiles are smaller
-    # (ptxas, sm_90a and sm_80; see `inspect`).
+        return (LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_K=16, BLOCK_E=32),
+                LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_K=16, BLOCK_E=32,
+                                ACC_E=min(32, e_pad)))
     wide = dtype == torch.float32
-    if backward:
-        return dict(BLOCK_P=16, BLOCK_K=32, BLOCK_E=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_P=32 if wide else 64, BLOCK_K=32, BLOCK_E=32 if wide else 64, num_warps=4,
-                num_stages=2 if wide else 3)
+    fwd = LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=16, BLOCK_K=16 if wide else 32,
+                          BLOCK_E=32)
+    acc_e = 128 if wide or text_grad else 512
+    bwd = LaunchConfig.of(num_warps=8, num_stages=2, BLOCK_P=16, BLOCK_K=32,
+                          BLOCK_E=32 if wide else 64, ACC_E=min(acc_e, e_pad))
+    return fwd, bwd
+
+
+def _class_split(k, block_k):
+    """(full blocks, tail size, tail padded to a power of two, tail on tensor cores)."""
+    full, rem = divmod(k, block_k)
+    tail = next_pow2(rem) if rem else 0
+    return full, rem, tail, tail >= 16
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _text_inv_norms(Text, offs_k, k_mask, E, sxk, sxe, eps, BLOCK_K: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
-        tt = tl.zeros([BLOCK_K], tl.float32)
+    def text_block_norms(Text, offs_k, k_mask, stride_xk, stride_xe, E, eps, BLOCK_E: tl.constexpr):
+        """(1 / max(‖t_c‖, ε), ‖t_c‖) for a block of text rows, streamed over E."""
+        tt = tl.zeros(offs_k.shape, tl.float32)
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
-            t = tl.load(Text + offs_k[:, None] * sxk + offs_e[None, :] * sxe,
+            t = tl.load(Text + offs_k[:, None] * stride_xk + offs_e[None, :] * stride_xe,
                         mask=k_mask[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
-            tt += tl.sum(t * t, 1)
-        nt = tl.sqrt(tt)
-        return 1.0 / tl.maximum(nt, eps), nt
+            tt += tl.sum(t * t, axis=1)
+        return inv_norm(tt, eps), tl.sqrt(tt)
 
     @triton.jit
-    def _cosine_tiles(Tok, TokDv, Text, offs_p, p_mask, offs_k, k_mask, E, stp, ste, svp, sve,
-                      sxk, sxe, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
-        """Raw dot tiles [BLOCK_P, BLOCK_K] of both paths with the text block, and row sums of squares."""
+    def cosine_tiles(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, Text, stride_xk,
+                     stride_xe, offs_p, p_mask, offs_k, k_mask, E, inv_nt, eps,
+                     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                     TENSOR_CORES: tl.constexpr, PRECISION: tl.constexpr):
+        """S and S_dv [BLOCK_P, BLOCK_K] for a block of patches and classes, streamed over E."""
         s = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
         s_dv = tl.zeros([BLOCK_P, BLOCK_K], tl.float32)
         uu = tl.zeros([BLOCK_P], tl.float32)
@@ -69,213 +106,378 @@ if HAS_TRITON:
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_mask = offs_e < E
             u_mask = p_mask[:, None] & e_mask[None, :]
-            u = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=u_mask, other=0.0)
-            u_dv = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=u_mask,
-                           other=0.0)
-            tt = tl.load(Text + offs_e[:, None] * sxe + offs_k[None, :] * sxk,
-                         mask=e_mask[:, None] & k_mask[None, :], other=0.0)
-            s += tl.dot(u, tt, input_precision=PRECISION)
-            s_dv += tl.dot(u_dv, tt, input_precision=PRECISION)
+            u = tl.load(Tok + offs_p[:, None] * stride_tp + offs_e[None, :] * stride_te, mask=u_mask,
+                        other=0.0)
+            u_dv = tl.load(TokDv + offs_p[:, None] * stride_vp + offs_e[None, :] * stride_ve,
+                           mask=u_mask, other=0.0)
+            t_cols = tl.load(Text + offs_e[:, None] * stride_xe + offs_k[None, :] * stride_xk,
+                             mask=e_mask[:, None] & k_mask[None, :], other=0.0)
+            if TENSOR_CORES:
+                s += tl.dot(u, t_cols, input_precision=PRECISION)
+                s_dv += tl.dot(u_dv, t_cols, input_precision=PRECISION)
+            else:
+                s += fma_dot(u, t_cols)
+                s_dv += fma_dot(u_dv, t_cols)
             u = u.to(tl.float32)
             u_dv = u_dv.to(tl.float32)
-            uu += tl.sum(u * u, 1)
-            uu_dv += tl.sum(u_dv * u_dv, 1)
-        return s, s_dv, uu, uu_dv
+            uu += tl.sum(u * u, axis=1)
+            uu_dv += tl.sum(u_dv * u_dv, axis=1)
+        scale = inv_nt[None, :]
+        return s * inv_norm(uu, eps)[:, None] * scale, s_dv * inv_norm(uu_dv, eps)[:, None] * scale
 
     @triton.jit
-    def _sim_fwd_kernel(
-        Tok, TokDv, Text, Stats, Loss, stb, stp, ste, svb, svp, sve, sxk, sxe, P, K, E, inv_b, eps,
+    def _sim_fwd_classes(
+        Tok, TokDv, Text, Stats, TextNorm, Loss, Tickets, stride_tp, stride_te, stride_vp, stride_ve,
+        stride_xk, stride_xe, b, k0, P, E, K, n_blocks, blocks_per_program, inv_b, eps,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        PRECISION: tl.constexpr,
+        TENSOR_CORES: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        split = tl.program_id(2)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        inv_nt, _ = _text_inv_norms(Text, offs_k, k_mask, E, sxk, sxe, eps, BLOCK_K, BLOCK_E)
+        inv_nt, nt = text_block_norms(Text, offs_k, k_mask, stride_xk, stride_xe, E, eps, BLOCK_E)
+        if (b == 0) & (split == 0):   # ‖t_c‖ for the backward, once per class
+            tl.store(TextNorm + offs_k, nt, mask=k_mask)
         l_p = tl.zeros([BLOCK_K], tl.float32)
         l_q = tl.zeros([BLOCK_K], tl.float32)
         w = tl.zeros([BLOCK_K], tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            p_mask = offs_p < P
-            s, s_dv, uu, uu_dv = _cosine_tiles(
-                Tok + b * stb, TokDv + b * svb, Text, offs_p, p_mask, offs_k, k_mask, E, stp,
-                ste, svp, sve, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
-            s = s / tl.maximum(tl.sqrt(uu), eps)[:, None] * inv_nt[None, :]
-            s_dv = s_dv / tl.maximum(tl.sqrt(uu_dv), eps)[:, None] * inv_nt[None, :]
-            row = p_mask[:, None]
-            e_p = tl.where(row, tl.exp(s - 1.0), 0.0)
-            e_q = tl.where(row, tl.exp(s_dv - 1.0), 0.0)
-            l_p += tl.sum(e_p, 0)
-            l_q += tl.sum(e_q, 0)
-            w += tl.sum(e_q * (s_dv - s), 0)
-        log_ratio = tl.log(l_q / l_p)
-        kl = tl.where(k_mask, w / l_q - log_ratio, 0.0)
+        for i in range(0, blocks_per_program):
+            block = split * blocks_per_program + i
+            if block < n_blocks:
+                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                p_mask = offs_p < P
+                s, s_dv = cosine_tiles(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, Text,
+                                       stride_xk, stride_xe, offs_p, p_mask, offs_k, k_mask, E,
+                                       inv_nt, eps, BLOCK_P, BLOCK_K, BLOCK_E, TENSOR_CORES,
+                                       PRECISION)
+                rows = p_mask[:, None]
+                e_p = tl.where(rows, tl.exp(s - 1.0), 0.0)
+                e_q = tl.where(rows, tl.exp(s_dv - 1.0), 0.0)
+                l_p += tl.sum(e_p, axis=0)
+                l_q += tl.sum(e_q, axis=0)
+                w += tl.sum(e_q * (s_dv - s), axis=0)
         stats = Stats + b * 3 * K
-        tl.store(stats + offs_k, l_p, mask=k_mask)
-        tl.store(stats + K + offs_k, l_q, mask=k_mask)
-        tl.store(stats + 2 * K + offs_k, kl, mask=k_mask)
-        tl.atomic_add(Loss, tl.sum(kl, 0) * inv_b)
+        if SPLIT:
+            tl.atomic_add(stats + offs_k, l_p, mask=k_mask)
+            tl.atomic_add(stats + K + offs_k, l_q, mask=k_mask)
+            tl.atomic_add(stats + 2 * K + offs_k, w, mask=k_mask)
+            slot = b * tl.num_programs(1) + tl.program_id(1)
+            last = last_to_arrive(Tickets, slot, tl.num_programs(2))
+            if last:
+                l_p = tl.load(stats + offs_k, mask=k_mask, other=1.0, cache_modifier=".cg")
+                l_q = tl.load(stats + K + offs_k, mask=k_mask, other=1.0, cache_modifier=".cg")
+                w = tl.load(stats + 2 * K + offs_k, mask=k_mask, other=0.0, cache_modifier=".cg")
+        else:
+            last = True
+        if last:
+            kl = tl.where(k_mask, w / l_q - tl.log(l_q / l_p), 0.0)
+            tl.store(stats + offs_k, l_p, mask=k_mask)
+            tl.store(stats + K + offs_k, l_q, mask=k_mask)
+            tl.store(stats + 2 * K + offs_k, kl, mask=k_mask)
+            tl.atomic_add(Loss, tl.sum(kl, axis=0) * inv_b)
 
     @triton.jit
-    def _sim_grad_tiles(Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve,
-                        sxk, sxe, inv_nu, inv_nu_dv, g, eps,
-                        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                        PRECISION: tl.constexpr):
-        """Cosine tiles S, S_dv and their gradients dS, dS_dv for one class block."""
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        inv_nt, _ = _text_inv_norms(Text, offs_k, k_mask, E, sxk, sxe, eps, BLOCK_K, BLOCK_E)
-        s, s_dv, _, _ = _cosine_tiles(Tok, TokDv, Text, offs_p, p_mask, offs_k, k_mask, E, stp,
-                                      ste, svp, sve, sxk, sxe, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
-        s = s * inv_nu[:, None] * inv_nt[None, :]
-        s_dv = s_dv * inv_nu_dv[:, None] * inv_nt[None, :]
+    def _sim_fwd_kernel(
+        Tok, TokDv, Text, Stats, TextNorm, Loss, Tickets,
+        stride_tb, stride_tp, stride_te,
+        stride_vb, stride_vp, stride_ve,
+        stride_xk, stride_xe,
+        P, E, K, n_full_k, n_blocks, blocks_per_program, inv_b, eps,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        TAIL_K: tl.constexpr, TAIL_TENSOR_CORES: tl.constexpr, FMA_E: tl.constexpr,
+        SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        k_program = tl.program_id(1)
+        Tok += b * stride_tb
+        TokDv += b * stride_vb
+        if k_program < n_full_k:
+            _sim_fwd_classes(Tok, TokDv, Text, Stats, TextNorm, Loss, Tickets, stride_tp, stride_te,
+                             stride_vp, stride_ve, stride_xk, stride_xe, b, k_program * BLOCK_K, P,
+                             E, K, n_blocks, blocks_per_program, inv_b, eps, BLOCK_P, BLOCK_K,
+                             BLOCK_E, True, SPLIT, PRECISION)
+        else:
+            _sim_fwd_classes(Tok, TokDv, Text, Stats, TextNorm, Loss, Tickets, stride_tp, stride_te,
+                             stride_vp, stride_ve, stride_xk, stride_xe, b, n_full_k * BLOCK_K, P,
+                             E, K, n_blocks, blocks_per_program, inv_b, eps, BLOCK_P, TAIL_K,
+                             BLOCK_E if TAIL_TENSOR_CORES else FMA_E, TAIL_TENSOR_CORES, SPLIT,
+                             PRECISION)
+
+    @triton.jit
+    def score_gradients(s, s_dv, Stats, offs_k, k_mask, p_mask, K, g):
+        """dS, dS_dv of a [patches, classes] tile from the forward's (l_p, l_q, KL)."""
         l_p = tl.load(Stats + offs_k, mask=k_mask, other=1.0)
         l_q = tl.load(Stats + K + offs_k, mask=k_mask, other=1.0)
         kl = tl.load(Stats + 2 * K + offs_k, mask=k_mask, other=0.0)
         valid = p_mask[:, None] & k_mask[None, :]
-        pr = tl.exp(s - 1.0) / l_p[None, :]
         q = tl.exp(s_dv - 1.0) / l_q[None, :]
+        ds = tl.where(valid, g * (tl.exp(s - 1.0) / l_p[None, :] - q), 0.0)
         log_ratio = s_dv - s - tl.log(l_q / l_p)[None, :]
-        ds = tl.where(valid, g * (pr - q), 0.0)
         ds_dv = tl.where(valid, g * q * (log_ratio - kl[None, :]), 0.0)
-        return s, s_dv, ds, ds_dv, offs_k, k_mask, inv_nt
+        return ds, ds_dv
+
+    @triton.jit
+    def held_rows(Tok, stride_tp, stride_te, offs_p, p_mask, offs_e, e_mask, inv_nu):
+        """û of a block of token rows over some columns, fp32."""
+        u = tl.load(Tok + offs_p[:, None] * stride_tp + offs_e[None, :] * stride_te,
+                    mask=p_mask[:, None] & e_mask[None, :], other=0.0)
+        return u.to(tl.float32) * inv_nu[:, None]
+
+    @triton.jit
+    def text_grad_by_class(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, GText, ds,
+                           ds_dv, offs_p, p_mask, offs_e, e_mask, inv_nu, inv_nu_dv, k0, n_classes,
+                           K, E, BLOCK_K: tl.constexpr):
+        """GText[k0 + j, offs_e] += Σ_n dS_nj û_n + dS_dv,nj û_dv,n, one class at a time on CUDA
+        cores (fp32 and the class tail: no three-pass TF32 operand splits in registers)."""
+        cols = tl.arange(0, BLOCK_K)
+        u_hat = held_rows(Tok, stride_tp, stride_te, offs_p, p_mask, offs_e, e_mask, inv_nu)
+        u_dv_hat = held_rows(TokDv, stride_vp, stride_ve, offs_p, p_mask, offs_e, e_mask, inv_nu_dv)
+        for j in range(0, n_classes):
+            col = tl.sum(tl.where(cols[None, :] == j, ds, 0.0), axis=1)
+            col_dv = tl.sum(tl.where(cols[None, :] == j, ds_dv, 0.0), axis=1)
+            grad_hat = gemv_t(u_hat, col) + gemv_t(u_dv_hat, col_dv)
+            tl.atomic_add(GText + (k0 + j) * E + offs_e, grad_hat, mask=e_mask & (k0 + j < K))
+
+    @triton.jit
+    def _sim_bwd_classes(
+        acc, acc_dv, r, r_dv, Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, Text,
+        stride_xk, stride_xe, TextNorm, Stats, GText, offs_p, p_mask, offs_e, e_mask, inv_nu,
+        inv_nu_dv, first_pass, k0, K, E, g, eps,
+        BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+        TENSOR_CORES: tl.constexpr, PRECISION: tl.constexpr, TEXT_GRAD: tl.constexpr,
+        TEXT_GRAD_TENSOR_CORES: tl.constexpr,
+    ):
+        """One block of classes: S tiles streamed over all of E, then dû[:, offs_e] += dS t̂ into
+        the accumulators (on tensor cores, or one rank-one update per class for a tail below
+        16); r = Σ_c dS S on the first pass over E only. With TEXT_GRAD, the unprojected
+        d t̂[:, offs_e] = dSᵀ û is added into GText."""
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        nt = tl.load(TextNorm + offs_k, mask=k_mask, other=1.0)
+        inv_nt = tl.where(k_mask, inv_norm(nt * nt, eps), 0.0)
+        s, s_dv = cosine_tiles(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, Text,
+                               stride_xk, stride_xe, offs_p, p_mask, offs_k, k_mask, E, inv_nt, eps,
+                               BLOCK_P, BLOCK_K, BLOCK_E, TENSOR_CORES, PRECISION)
+        ds, ds_dv = score_gradients(s, s_dv, Stats, offs_k, k_mask, p_mask, K, g)
+        r += tl.where(first_pass, tl.sum(ds * s, axis=1), 0.0)
+        r_dv += tl.where(first_pass, tl.sum(ds_dv * s_dv, axis=1), 0.0)
+        if TENSOR_CORES:
+            t = tl.load(Text + offs_k[:, None] * stride_xk + offs_e[None, :] * stride_xe,
+                        mask=k_mask[:, None] & e_mask[None, :], other=0.0)
+            # dû = dS · t̂ = (dS ⊙ 1/‖t‖) · t: scale the small tile, multiply the raw text
+            acc += tl.dot((ds * inv_nt[None, :]).to(t.dtype), t, input_precision=PRECISION)
+            acc_dv += tl.dot((ds_dv * inv_nt[None, :]).to(t.dtype), t, input_precision=PRECISION)
+            if TEXT_GRAD and TEXT_GRAD_TENSOR_CORES:
+                u_hat = held_rows(Tok, stride_tp, stride_te, offs_p, p_mask, offs_e, e_mask, inv_nu)
+                grad_hat = tl.dot(tl.trans(ds).to(t.dtype), u_hat.to(t.dtype), input_precision=PRECISION)
+                u_hat = held_rows(TokDv, stride_vp, stride_ve, offs_p, p_mask, offs_e, e_mask, inv_nu_dv)
+                grad_hat += tl.dot(tl.trans(ds_dv).to(t.dtype), u_hat.to(t.dtype),
+                                   input_precision=PRECISION)
+                tl.atomic_add(GText + offs_k[:, None] * E + offs_e[None, :], grad_hat,
+                              mask=k_mask[:, None] & e_mask[None, :])
+            elif TEXT_GRAD:
+                text_grad_by_class(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, GText, ds,
+                                   ds_dv, offs_p, p_mask, offs_e, e_mask, inv_nu, inv_nu_dv, k0,
+                                   BLOCK_K, K, E, BLOCK_K)
+        else:
+            cols = tl.arange(0, BLOCK_K)
+            for j in range(0, K - k0):
+                t_row = tl.load(Text + (k0 + j) * stride_xk + offs_e * stride_xe, mask=e_mask, other=0.0)
+                inv_nt_j = tl.sum(tl.where(cols == j, inv_nt, 0.0), axis=0)
+                acc = outer_fma(acc, tl.sum(tl.where(cols[None, :] == j, ds, 0.0), axis=1) * inv_nt_j,
+                                t_row)
+                acc_dv = outer_fma(acc_dv, tl.sum(tl.where(cols[None, :] == j, ds_dv, 0.0), axis=1)
+                                   * inv_nt_j, t_row)
+            if TEXT_GRAD:
+                text_grad_by_class(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, GText, ds,
+                                   ds_dv, offs_p, p_mask, offs_e, e_mask, inv_nu, inv_nu_dv, k0,
+                                   K - k0, K, E, BLOCK_K)
+        return acc, acc_dv, r, r_dv
+
+    @triton.jit
+    def row_norms(Tok, stride_tp, stride_te, offs_p, p_mask, E, BLOCK_P: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
+        """‖u_n‖ of a block of rows, streamed over E."""
+        uu = tl.zeros([BLOCK_P], tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            u = tl.load(Tok + offs_p[:, None] * stride_tp + offs_e[None, :] * stride_te,
+                        mask=p_mask[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
+            uu += tl.sum(u * u, axis=1)
+        return tl.sqrt(uu)
 
     @triton.jit
     def _sim_bwd_kernel(
-        Tok, TokDv, Text, Stats, DLoss, DTok, DTokDv, GText,
-        stb, stp, ste, svb, svp, sve, sxk, sxe, sdb, sdp, P, K, E, inv_b, eps,
+        Tok, TokDv, Text, Stats, TextNorm, DLoss, DTok, DTokDv, GText,
+        stride_tb, stride_tp, stride_te,
+        stride_vb, stride_vp, stride_ve,
+        stride_xk, stride_xe,
+        stride_db, stride_dp,
+        P, E, K, n_full_k, inv_b, eps,
         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        PRECISION: tl.constexpr, TEXT_GRAD: tl.constexpr,
+        ACC_E: tl.constexpr, E_PAD: tl.constexpr, TAIL_K: tl.constexpr,
+        TAIL_TENSOR_CORES: tl.constexpr, FMA_E: tl.constexpr, PRECISION: tl.constexpr,
+        TEXT_GRAD: tl.constexpr, TEXT_GRAD_TENSOR_CORES: tl.constexpr,
     ):
         b = tl.program_id(0)
         offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
         g = tl.load(DLoss).to(tl.float32) * inv_b
-        Tok += b * stb
-        TokDv += b * svb
+        Tok += b * stride_tb
+        TokDv += b * stride_vb
         Stats += b * 3 * K
-        uu = tl.zeros([BLOCK_P], tl.float32)
-        uu_dv = tl.zeros([BLOCK_P], tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            mask = p_mask[:, None] & (offs_e < E)[None, :]
-            u = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
-                        other=0.0).to(tl.float32)
-            u_dv = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=mask,
-                           other=0.0).to(tl.float32)
-            uu += tl.sum(u * u, 1)
-            uu_dv += tl.sum(u_dv * u_dv, 1)
-        nu = tl.sqrt(uu)
-        nu_dv = tl.sqrt(uu_dv)
-        inv_nu = 1.0 / tl.maximum(nu, eps)
-        inv_nu_dv = 1.0 / tl.maximum(nu_dv, eps)
-        # r_n = û_n · dû_n = Σ_c dS S: the radial part removed by the normalisation's backward.
+        nu = row_norms(Tok, stride_tp, stride_te, offs_p, p_mask, E, BLOCK_P, BLOCK_E)
+        nu_dv = row_norms(TokDv, stride_vp, stride_ve, offs_p, p_mask, E, BLOCK_P, BLOCK_E)
+        inv_nu = inv_norm(nu * nu, eps)
+        inv_nu_dv = inv_norm(nu_dv * nu_dv, eps)
         r = tl.zeros([BLOCK_P], tl.float32)
         r_dv = tl.zeros([BLOCK_P], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            s, s_dv, ds, ds_dv, _, _, _ = _sim_grad_tiles(
-                Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve, sxk, sxe,
-                inv_nu, inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
-            r += tl.sum(ds * s, 1)
-            r_dv += tl.sum(ds_dv * s_dv, 1)
-        r = tl.where(nu >= eps, r, 0.0)
-        r_dv = tl.where(nu_dv >= eps, r_dv, 0.0)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
+        # The accumulators cover ACC_E columns; wider E takes several passes over the classes
+        # (S recomputed each time), r = Σ_c dS S is complete after the first.
+        for e_lo in range(0, E_PAD, ACC_E):
+            offs_e = e_lo + tl.arange(0, ACC_E)
             e_mask = offs_e < E
+            first_pass = e_lo == 0
+            acc = tl.zeros([BLOCK_P, ACC_E], tl.float32)
+            acc_dv = tl.zeros([BLOCK_P, ACC_E], tl.float32)
+            for kb in range(0, n_full_k):
+                acc, acc_dv, r, r_dv = _sim_bwd_classes(
+                    acc, acc_dv, r, r_dv, Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve,
+                    Text, stride_xk, stride_xe, TextNorm, Stats, GText, offs_p, p_mask, offs_e,
+                    e_mask, inv_nu, inv_nu_dv, first_pass, kb * BLOCK_K, K, E, g, eps, BLOCK_P,
+                    BLOCK_K, BLOCK_E, True, PRECISION, TEXT_GRAD, TEXT_GRAD_TENSOR_CORES)
+            if TAIL_K > 0:
+                acc, acc_dv, r, r_dv = _sim_bwd_classes(
+                    acc, acc_dv, r, r_dv, Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve,
+                    Text, stride_xk, stride_xe, TextNorm, Stats, GText, offs_p, p_mask, offs_e,
+                    e_mask, inv_nu, inv_nu_dv, first_pass, n_full_k * BLOCK_K, K, E, g, eps,
+                    BLOCK_P, TAIL_K, BLOCK_E if TAIL_TENSOR_CORES else FMA_E, TAIL_TENSOR_CORES,
+                    PRECISION, TEXT_GRAD, TEXT_GRAD_TENSOR_CORES)
             mask = p_mask[:, None] & e_mask[None, :]
-            u_hat = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
-                            other=0.0).to(tl.float32) * inv_nu[:, None]
-            u_dv_hat = tl.load(TokDv + offs_p[:, None] * svp + offs_e[None, :] * sve, mask=mask,
-                               other=0.0).to(tl.float32) * inv_nu_dv[:, None]
-            acc = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)
-            acc_dv = tl.zeros([BLOCK_P, BLOCK_E], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                _, _, ds, ds_dv, offs_k, k_mask, inv_nt = _sim_grad_tiles(
-                    Tok, TokDv, Text, Stats, offs_p, p_mask, k0, K, E, stp, ste, svp, sve, sxk,
-                    sxe, inv_nu, inv_nu_dv, g, eps, BLOCK_P, BLOCK_K, BLOCK_E, PRECISION)
-                t_hat = tl.load(Text + offs_k[:, None] * sxk + offs_e[None, :] * sxe,
-                                mask=k_mask[:, None] & e_mask[None, :],
-                                other=0.0).to(tl.float32) * inv_nt[:, None]
-                io = Tok.dtype.element_ty
-                t_hat = t_hat.to(io)
-                acc += tl.dot(ds.to(io), t_hat, input_precision=PRECISION)
-                acc_dv += tl.dot(ds_dv.to(io), t_hat, input_precision=PRECISION)
-                if TEXT_GRAD:
-                    gt = tl.dot(tl.trans(ds).to(io), u_hat.to(io), input_precision=PRECISION) \
-                        + tl.dot(tl.trans(ds_dv).to(io), u_dv_hat.to(io), input_precision=PRECISION)
-                    tl.atomic_add(GText + offs_k[:, None] * E + offs_e[None, :], gt,
-                                  mask=k_mask[:, None] & e_mask[None, :])
-            du = (acc - u_hat * r[:, None]) * inv_nu[:, None]
-            du_dv = (acc_dv - u_dv_hat * r_dv[:, None]) * inv_nu_dv[:, None]
-            out_off = b * sdb + offs_p[:, None] * sdp + offs_e[None, :]
-            tl.store(DTok + out_off, du.to(DTok.dtype.element_ty), mask=mask)
-            tl.store(DTokDv + out_off, du_dv.to(DTokDv.dtype.element_ty), mask=mask)
+            out = b * stride_db + offs_p[:, None] * stride_dp + offs_e[None, :]
+            u_hat = held_rows(Tok, stride_tp, stride_te, offs_p, p_mask, offs_e, e_mask, inv_nu)
+            du = (acc - u_hat * tl.where(nu >= eps, r, 0.0)[:, None]) * inv_nu[:, None]
+            tl.store(DTok + out, du.to(DTok.dtype.element_ty), mask=mask)
+            u_hat = held_rows(TokDv, stride_vp, stride_ve, offs_p, p_mask, offs_e, e_mask, inv_nu_dv)
+            du = (acc_dv - u_hat * tl.where(nu_dv >= eps, r_dv, 0.0)[:, None]) * inv_nu_dv[:, None]
+            tl.store(DTokDv + out, du.to(DTokDv.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _normalize_bwd_rows_kernel(X, GHat, DX, sxr, sxe, E, eps, BLOCK_E: tl.constexpr):
-        """dx = (ĝ − [‖x‖ ≥ ε] x̂ (x̂·ĝ)) / max(‖x‖, ε) for one row: the backward of F.normalize."""
-        row = tl.program_id(0)
-        xx = tl.zeros([BLOCK_E], tl.float32)
-        xg = tl.zeros([BLOCK_E], tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < E
-            x = tl.load(X + row * sxr + offs_e * sxe, mask=e_mask, other=0.0).to(tl.float32)
-            gh = tl.load(GHat + row * E + offs_e, mask=e_mask, other=0.0)
-            xx += x * x
-            xg += x * gh
-        nx = tl.sqrt(tl.sum(xx, 0))
-        den = tl.maximum(nx, eps)
-        radial = tl.where(nx >= eps, tl.sum(xg, 0) / den, 0.0)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < E
-            x = tl.load(X + row * sxr + offs_e * sxe, mask=e_mask, other=0.0).to(tl.float32)
-            gh = tl.load(GHat + row * E + offs_e, mask=e_mask, other=0.0)
-            tl.store(DX + row * E + offs_e, ((gh - x / den * radial) / den).to(DX.dtype.element_ty),
-                     mask=e_mask)
+    def _text_normalize_bwd_kernel(Text, TextNorm, GText, DText, stride_xk, stride_xe, K, E, eps,
+                                   BLOCK_K: tl.constexpr, E_PAD: tl.constexpr):
+        """d text = the normalisation's backward of the accumulated d t̂, BLOCK_K rows a program."""
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_e = tl.arange(0, E_PAD)
+        k_mask = offs_k < K
+        mask = k_mask[:, None] & (offs_e < E)[None, :]
+        nt = tl.load(TextNorm + offs_k, mask=k_mask, other=1.0)
+        inv_nt = inv_norm(nt * nt, eps)
+        t_hat = tl.load(Text + offs_k[:, None] * stride_xk + offs_e[None, :] * stride_xe, mask=mask,
+                        other=0.0).to(tl.float32) * inv_nt[:, None]
+        grad_hat = tl.load(GText + offs_k[:, None] * E + offs_e[None, :], mask=mask, other=0.0)
+        dt = normalize_backward(grad_hat, t_hat, nt, inv_nt, eps)
+        tl.store(DText + offs_k[:, None] * E + offs_e[None, :], dt.to(DText.dtype.element_ty),
+                 mask=mask)
 
 
-class _SimilarityAlign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, tokens_dv, text):
-        b, p, e = tokens.shape
-        k = text.shape[0]
-        cfg = similarity_configs(tokens.device, tokens.dtype)
-        stats = torch.empty((b, 3, k), dtype=torch.float32, device=tokens.device)
-        loss = torch.zeros((), dtype=torch.float32, device=tokens.device)
-        _sim_fwd_kernel[(b, triton.cdiv(k, cfg["BLOCK_K"]))](
-            tokens, tokens_dv, text, stats, loss, *tokens.stride(), *tokens_dv.stride(),
-            *text.stride(), p, k, e,
-            1.0 / b, EPS, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(tokens), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        ctx.save_for_backward(tokens, tokens_dv, text, stats)
-        return loss
+def _sim_fwd(tokens, tokens_dv, text, config=None):
+    """(loss, per-(image, class) statistics [B, 3, K] fp32: l_p, l_q, KL; ‖t_c‖ [K] fp32)."""
+    b, p, e = tokens.shape
+    k = text.shape[0]
+    dev = tokens.device
+    config = config or similarity_configs(e, tokens.dtype, dev)[0]
+    full, _, tail, tail_tc = _class_split(k, config["BLOCK_K"])
+    k_programs = full + (tail > 0)
+    n_blocks = triton.cdiv(p, config["BLOCK_P"])
+    splits, per_program = split_blocks(b * k_programs, n_blocks, dev)
+    alloc = torch.zeros if splits > 1 else torch.empty
+    stats = alloc((b, 3, k), dtype=torch.float32, device=dev)
+    text_norm = torch.empty((k,), dtype=torch.float32, device=dev)
+    loss = torch.zeros((), dtype=torch.float32, device=dev)
+    tickets = torch.zeros((b * k_programs,), dtype=torch.int32, device=dev)
+    _sim_fwd_kernel[(b, k_programs, splits)](
+        Tok=tokens, TokDv=tokens_dv, Text=text, Stats=stats, TextNorm=text_norm, Loss=loss, Tickets=tickets,
+        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+        stride_vb=tokens_dv.stride(0), stride_vp=tokens_dv.stride(1), stride_ve=tokens_dv.stride(2),
+        stride_xk=text.stride(0), stride_xe=text.stride(1),
+        P=p, E=e, K=k, n_full_k=full, n_blocks=n_blocks, blocks_per_program=per_program,
+        inv_b=1.0 / b, eps=EPS, TAIL_K=max(tail, 1), TAIL_TENSOR_CORES=tail_tc, FMA_E=FMA_E,
+        SPLIT=splits > 1, PRECISION=dot_precision(tokens), **config.kwargs,
+    )
+    return loss, stats, text_norm
 
-    @staticmethod
-    def backward(ctx, dloss):
-        tokens, tokens_dv, text, stats = ctx.saved_tensors
-        b, p, e = tokens.shape
-        k = text.shape[0]
-        cfg = similarity_configs(tokens.device, tokens.dtype, backward=True)
-        text_grad = ctx.needs_input_grad[2]
-        dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
-        dtok_dv = torch.empty_like(dtok)
-        g_text = (torch.zeros((k, e), dtype=torch.float32, device=text.device) if text_grad
-                  else stats)
-        _sim_bwd_kernel[(b, triton.cdiv(p, cfg["BLOCK_P"]))](
-            tokens, tokens_dv, text, stats, dloss, dtok, dtok_dv, g_text, *tokens.stride(),
-            *tokens_dv.stride(), *text.stride(), dtok.stride(0), dtok.stride(1), p, k, e, 1.0 / b, EPS,
-            BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(tokens), TEXT_GRAD=text_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        dtext = None
-        if text_grad:
-            dtext = torch.empty((k, e), dtype=text.dtype, device=text.device)
-            _normalize_bwd_rows_kernel[(k,)](text, g_text, dtext, *text.stride(), e, EPS,
-                                             BLOCK_E=min(1024, max(16, triton.next_power_of_2(e))))
-        return dtok, dtok_dv, dtext
+
+def _sim_bwd(dloss, tokens, tokens_dv, text, stats, text_norm, text_grad, config=None):
+    """(d tokens, d tokens_dv, d text fp32 or None); d text takes a second, K-row launch."""
+    b, p, e = tokens.shape
+    k = text.shape[0]
+    dev = tokens.device
+    config = config or similarity_configs(e, tokens.dtype, dev, text_grad)[1]
+    full, _, tail, tail_tc = _class_split(k, config["BLOCK_K"])
+    dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=dev)
+    dtok_dv = torch.empty_like(dtok)
+    grad_hat = torch.zeros((k, e), dtype=torch.float32, device=dev) if text_grad else placeholder(dev)
+    _sim_bwd_kernel[(b, triton.cdiv(p, config["BLOCK_P"]))](
+        Tok=tokens, TokDv=tokens_dv, Text=text, Stats=stats, TextNorm=text_norm, DLoss=dloss,
+        DTok=dtok, DTokDv=dtok_dv, GText=grad_hat,
+        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+        stride_vb=tokens_dv.stride(0), stride_vp=tokens_dv.stride(1), stride_ve=tokens_dv.stride(2),
+        stride_xk=text.stride(0), stride_xe=text.stride(1),
+        stride_db=dtok.stride(0), stride_dp=dtok.stride(1),
+        P=p, E=e, K=k, n_full_k=full, inv_b=1.0 / b, eps=EPS, E_PAD=next_pow2(e), TAIL_K=tail,
+        TAIL_TENSOR_CORES=tail_tc, FMA_E=FMA_E, PRECISION=dot_precision(tokens),
+        TEXT_GRAD=text_grad, TEXT_GRAD_TENSOR_CORES=dot_precision(tokens) != "tf32x3",
+        **config.kwargs,
+    )
+    if not text_grad:
+        return dtok, dtok_dv, None
+    dtext = torch.empty((k, e), dtype=torch.float32, device=dev)
+    rows = max(1, 2048 // next_pow2(e))
+    _text_normalize_bwd_kernel[(triton.cdiv(k, rows),)](
+        Text=text, TextNorm=text_norm, GText=grad_hat, DText=dtext, stride_xk=text.stride(0),
+        stride_xe=text.stride(1), K=k, E=e, eps=EPS, BLOCK_K=rows, E_PAD=next_pow2(e),
+    )
+    return dtok, dtok_dv, dtext
+
+
+@torch.library.custom_op("alignclip::similarity_align_loss", mutates_args=())
+def _sim_op(tokens: Tensor, tokens_dv: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return _sim_fwd(tokens, tokens_dv, text)
+
+
+@_sim_op.register_fake
+def _(tokens, tokens_dv, text):
+    f32 = dict(dtype=torch.float32)
+    return (tokens.new_empty((), **f32), tokens.new_empty((tokens.shape[0], 3, text.shape[0]), **f32),
+            tokens.new_empty((text.shape[0],), **f32))
+
+
+@torch.library.custom_op("alignclip::similarity_align_loss_backward", mutates_args=())
+def _sim_bwd_op(dloss: Tensor, tokens: Tensor, tokens_dv: Tensor, text: Tensor, stats: Tensor,
+                text_norm: Tensor, text_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dtok, dtok_dv, dtext = _sim_bwd(dloss, tokens, tokens_dv, text, stats, text_norm, text_grad)
+    return dtok, dtok_dv, (dtext.to(text.dtype) if text_grad else text.new_empty(0))
+
+
+@_sim_bwd_op.register_fake
+def _(dloss, tokens, tokens_dv, text, stats, text_norm, text_grad):
+    return (torch.empty_like(tokens), torch.empty_like(tokens),
+            text.new_empty(text.shape if text_grad else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output[1:])
+
+
+def _backward(ctx, dloss, _d_stats, _d_inv_nt):
+    refuse_double_backward("similarity_align_loss")
+    tokens, tokens_dv, text, stats, text_norm = ctx.saved_tensors
+    text_grad = ctx.needs_input_grad[2]
+    dtok, dtok_dv, dtext = _sim_bwd_op(dloss, tokens, tokens_dv, text, stats, text_norm, text_grad)
+    return dtok, dtok_dv, (dtext if text_grad else None)
+
+
+_sim_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(tokens, tokens_dv, text):
@@ -297,4 +499,4 @@ def similarity_align_loss(tokens, tokens_dv, text):
     _check(tokens, tokens_dv, text)
     if not runs_triton(tokens):
         return reference.similarity_align_loss(tokens, tokens_dv, text)
-    return _SimilarityAlign.apply(tokens, tokens_dv, text)
+    return _sim_op(tokens, tokens_dv, text)[0]

@@ -1,236 +1,322 @@
-r"""Semantic label smoothing over CLIPood's margin metric softmax (SPEC.md section 5).
+r"""Semantic label smoothing over CLIPood's margin metric softmax.
+
+For image features f [B, E] (normalised here), class text t [K, E], labels y [B] and class
+relations class_dist [K, K] = softmax(t tᵀ · smoothing) (`class_distribution`):
 
     f̂_b = f_b / max(‖f_b‖, ε),   x_b = f̂_b − α t_{y_b}
-    z[b, c] = s · x_b · t_c                              (s = logit_scale; one GEMM for both terms)
-    target[b, c] = ε_y if c = y_b else class_dist[y_b, c]
-    loss = (1/B) Σ_b (lse_b Σ_c target − Σ_c target z)
+    z[b, c] = s · x_b · t_c                            logits, s = logit_scale (one GEMV per image)
+    target[b, c] = ε_y if c = y_b, else class_dist[y_b, c]      (not renormalised, as the authors)
+    loss = (1/B) Σ_b (lse_b Σ_c target[b, c] − Σ_c target[b, c] z[b, c])
 
-Forward: one launch, a program per block of images streaming the classes with an online
-log-sum-exp; it writes the logits (an output) and keeps lse per image. Backward: one launch:
+Forward, one launch over (image, split): the programs of an image share its classes in
+BLOCK_K blocks (each reads the image's feature row once, as one vector), write the logits and
+publish partial (max, Σexp, Σ target·z, Σ target); the last of them finishes the image's
+logsumexp and loss. Backward, one launch over (image, split), no cross-program step:
 
     dz = (g / B) (softmax(z) Σ_c target − target) + d logits
-    dx_b = s Σ_c dz t_c,   df_b = (dx_b − [‖f_b‖ ≥ ε] f̂_b (f̂_b·dx_b)) / max(‖f_b‖, ε)
-    dt_c += s Σ_b dz x_b − α Σ_{b: y_b = c} dx_b,   d class_dist[y_b, c] += −(g / B) log softmax(z)
-                                                                        (c ≠ y_b; atomics)
+    dx_b = s Σ_c dz t_c,   df_b = (dx_b − [‖f_b‖ ≥ ε] f̂_b (f̂_b · dx_b)) / max(‖f_b‖, ε)
+    dt_c += s Σ_b dz x_b − α Σ_{b: y_b = c} dx_b,   d class_dist[y_b, c] += −(g / B) log softmax(z)_c
 
-df needs the full row dot f̂·dx, so dx is written chunk by chunk into df's buffer, then
-re-read by the same program after a barrier and projected in place.
+df is linear in dx, so each program adds the df of its classes (atomically when an image has
+several programs). The products are matrix-vector products on CUDA cores (one image a
+program): tensor cores would pad the batch side of every tile to 16.
+
+Necessary multiply-adds (`roofline.sls_mms`): B·K·E forward, B·K·E backward, B·K·E more for
+d(text). A label outside [0, K) gives NaN logits and loss for its image.
 """
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, dot_precision, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, next_pow2, runs_triton
+from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING
+from .kernel_utils import LaunchConfig, fills_gpu, placeholder, refuse_double_backward, split_blocks
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, outer_fma
+    from .token_text_target import label_row
+
 EPS = reference.NORM_EPS
+PARTIAL_WIDTH = 4   # (max, Σexp, Σ target·z, Σ target) per program
 
 
-def sls_configs(device, dtype):
-    if cuda_arch(device) is None:
-        return dict(BLOCK_B=16, BLOCK_K=16, BLOCK_E=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:   # tf32x3 operands: half the class tile keeps the backward in registers
-        return dict(BLOCK_B=16, BLOCK_K=32, BLOCK_E=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_B=16, BLOCK_K=64, BLOCK_E=64, num_warps=4, num_stages=3)
+def sls_config(b, k, e, device):
+    """BLOCK_K classes × the whole (padded) width per tile: the least class padding, then the
+    largest block; halved while the images alone would leave multiprocessors idle and the
+    padding does not grow (K = 7 runs as two blocks of 4, two programs an image).
+
+    A [BLOCK_K, E] fp32 tile is held for the product: at most 64 registers a thread.
+    """
+    e_pad = next_pow2(e)
+    interpreted = cuda_arch(device) is None
+    choices = (4, 8, 16) if interpreted else (4, 8, 16, 32)
+    padded = lambda bk: -(-k // bk) * bk  # noqa: E731
+    block_k = min(reversed(choices), key=padded)
+    while block_k > choices[0] and not fills_gpu(b * -(-k // block_k), device) \
+            and padded(block_k // 2) == padded(block_k):
+        block_k //= 2
+    if interpreted:
+        return LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_K=block_k, E_PAD=e_pad)
+    while block_k > 1 and block_k * e_pad > 16384:
+        block_k //= 2
+    warps = 8 if block_k * e_pad > 8192 else 4
+    return LaunchConfig.of(num_warps=warps, num_stages=2, BLOCK_K=block_k, E_PAD=e_pad)
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _feature_norms(F_, offs_b, b_mask, E, sfb, sfe, eps, BLOCK_B: tl.constexpr,
-                       BLOCK_E: tl.constexpr):
-        ff = tl.zeros([BLOCK_B], tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            f = tl.load(F_ + offs_b[:, None] * sfb + offs_e[None, :] * sfe,
-                        mask=b_mask[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
-            ff += tl.sum(f * f, 1)
-        nf = tl.sqrt(ff)
-        return nf, 1.0 / tl.maximum(nf, eps)
+    def margin_features(F_, Text, b, y, offs_e, e_mask, stride_fb, stride_fe, stride_tk, stride_te,
+                        alpha, eps):
+        """(x = f̂ − α t_y, f̂, ‖f‖, 1/max(‖f‖, ε)) of image b, its feature row read once."""
+        f = tl.load(F_ + b * stride_fb + offs_e * stride_fe, mask=e_mask, other=0.0).to(tl.float32)
+        ff = tl.sum(f * f, axis=0)
+        inv_nf = inv_norm(ff, eps)
+        f_hat = f * inv_nf
+        t_y = tl.load(Text + y * stride_tk + offs_e * stride_te, mask=e_mask, other=0.0).to(tl.float32)
+        return f_hat - alpha * t_y, f_hat, tl.sqrt(ff), inv_nf
 
     @triton.jit
-    def _margin_features(F_, Text, offs_b, b_mask, y, offs_e, e_mask, inv_nf, alpha, sfb, sfe,
-                         stk, ste):
-        """x = f̂ − α t_y for one E chunk, and f̂ itself."""
-        mask = b_mask[:, None] & e_mask[None, :]
-        f_hat = tl.load(F_ + offs_b[:, None] * sfb + offs_e[None, :] * sfe, mask=mask,
-                        other=0.0).to(tl.float32) * inv_nf[:, None]
-        t_y = tl.load(Text + y[:, None] * stk + offs_e[None, :] * ste, mask=mask,
-                      other=0.0).to(tl.float32)
-        return f_hat - alpha * t_y, f_hat
-
-    @triton.jit
-    def _margin_logits(F_, Text, offs_b, b_mask, y, offs_k, k_mask, inv_nf, alpha, scale, E,
-                       sfb, sfe, stk, ste, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
-        z = tl.zeros([BLOCK_B, BLOCK_K], tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < E
-            x, _ = _margin_features(F_, Text, offs_b, b_mask, y, offs_e, e_mask, inv_nf, alpha,
-                                    sfb, sfe, stk, ste)
-            tt = tl.load(Text + offs_k[None, :] * stk + offs_e[:, None] * ste,
-                         mask=e_mask[:, None] & k_mask[None, :], other=0.0)
-            z += tl.dot(x.to(tt.dtype), tt, input_precision=PRECISION)
-        return z * scale
-
-    @triton.jit
-    def _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon):
-        cd = tl.load(CD + y[:, None] * scdk + offs_k[None, :] * scdc,
-                     mask=b_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        return tl.where(offs_k[None, :] == y[:, None], epsilon, cd)
+    def soft_target(CD, y, offs_k, k_mask, stride_ck, stride_cc, epsilon):
+        cd = tl.load(CD + y * stride_ck + offs_k * stride_cc, mask=k_mask, other=0.0).to(tl.float32)
+        return tl.where(k_mask, tl.where(offs_k == y, epsilon, cd), 0.0)
 
     @triton.jit
     def _sls_fwd_kernel(
-        F_, Text, Labels, CD, Logits, Lse, Loss, sfb, sfe, stk, ste, scdk, scdc, B, K, E,
-        alpha, scale, epsilon, inv_b, eps,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        PRECISION: tl.constexpr,
+        F_, Text, Labels, CD, Logits, Lse, TargetSum, Loss, Partial, Tickets,
+        stride_fb, stride_fe,
+        stride_tk, stride_te,
+        stride_ck, stride_cc,
+        K, E, n_blocks, blocks_per_program, alpha, scale, epsilon, inv_b, eps,
+        BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        b_mask = offs_b < B
-        y = tl.load(Labels + offs_b, mask=b_mask, other=0)
-        norms = _feature_norms(F_, offs_b, b_mask, E, sfb, sfe, eps, BLOCK_B, BLOCK_E)
-        inv_nf = norms[1]
-        m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        l_sum = tl.zeros([BLOCK_B], tl.float32)
-        tz = tl.zeros([BLOCK_B], tl.float32)
-        ts = tl.zeros([BLOCK_B], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            z = _margin_logits(F_, Text, offs_b, b_mask, y, offs_k, k_mask, inv_nf, alpha, scale,
-                               E, sfb, sfe, stk, ste, BLOCK_B, BLOCK_K, BLOCK_E, PRECISION)
-            valid = b_mask[:, None] & k_mask[None, :]
-            tl.store(Logits + offs_b[:, None] * K + offs_k[None, :], z, mask=valid)
-            target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
-            target = tl.where(valid, target, 0.0)
-            zm = tl.where(k_mask[None, :], z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(zm, 1))
-            l_sum = l_sum * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new[:, None]), 1)
-            m = m_new
-            tz += tl.sum(target * z, 1)
-            ts += tl.sum(target, 1)
-        lse = m + tl.log(l_sum)
-        tl.store(Lse + offs_b, lse, mask=b_mask)
-        tl.atomic_add(Loss, tl.sum(tl.where(b_mask, lse * ts - tz, 0.0), 0) * inv_b)
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        y, label_ok = label_row(Labels, b, K)
+        offs_e = tl.arange(0, E_PAD)
+        e_mask = offs_e < E
+        x, _, _, _ = margin_features(F_, Text, b, y, offs_e, e_mask, stride_fb, stride_fe, stride_tk,
+                                     stride_te, alpha, eps)
+        m = float("-inf")
+        l = 0.0
+        tz = 0.0
+        ts = 0.0
+        for i in range(0, blocks_per_program):
+            block = split * blocks_per_program + i
+            if block < n_blocks:
+                offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < K
+                t = tl.load(Text + offs_k[:, None] * stride_tk + offs_e[None, :] * stride_te,
+                            mask=k_mask[:, None] & e_mask[None, :], other=0.0)
+                z = gemv(t, x) * scale
+                z = tl.where(label_ok, z, float("nan"))
+                tl.store(Logits + b * K + offs_k, z, mask=k_mask)
+                target = soft_target(CD, y, offs_k, k_mask, stride_ck, stride_cc, epsilon)
+                zm = tl.where(k_mask, z, float("-inf"))
+                m_new = tl.maximum(m, tl.max(zm, axis=0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
+                m = m_new
+                tz += tl.sum(tl.where(k_mask, target * z, 0.0), axis=0)
+                ts += tl.sum(target, axis=0)
+        if SPLIT:
+            part = Partial + (b * n_splits + split) * 4
+            tl.store(part, m)
+            tl.store(part + 1, l)
+            tl.store(part + 2, tz)
+            tl.store(part + 3, ts)
+            if last_to_arrive(Tickets, b, n_splits):
+                parts = Partial + b * n_splits * 4
+                m, l = combine_logsumexp(parts, n_splits, 4)
+                offs_s = tl.arange(0, 16)
+                s_mask = offs_s < n_splits
+                tz = tl.sum(tl.load(parts + offs_s * 4 + 2, mask=s_mask, other=0.0,
+                                    cache_modifier=".cg"), axis=0)
+                ts = tl.sum(tl.load(parts + offs_s * 4 + 3, mask=s_mask, other=0.0,
+                                    cache_modifier=".cg"), axis=0)
+                lse = m + tl.log(l)
+                tl.store(Lse + b, lse)
+                tl.store(TargetSum + b, ts)
+                tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
+        else:
+            lse = m + tl.log(l)
+            tl.store(Lse + b, lse)
+            tl.store(TargetSum + b, ts)
+            tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
 
     @triton.jit
     def _sls_bwd_kernel(
-        F_, Text, Labels, CD, Logits, Lse, DLoss, DLogits, DF, GText, DCD,
-        sfb, sfe, stk, ste, scdk, scdc, sdlb, sdlk, B, K, E, alpha, scale, epsilon, inv_b, eps,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-        PRECISION: tl.constexpr, HAS_DLOGITS: tl.constexpr, TEXT_GRAD: tl.constexpr,
-        CD_GRAD: tl.constexpr,
+        F_, Text, Labels, CD, Logits, Lse, TargetSum, DLoss, DLogits, DF, DText, DCD,
+        stride_fb, stride_fe,
+        stride_tk, stride_te,
+        stride_ck, stride_cc,
+        stride_dlb, stride_dlk,
+        K, E, n_blocks, blocks_per_program, alpha, scale, epsilon, inv_b, eps,
+        BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, SPLIT: tl.constexpr,
+        HAS_DLOGITS: tl.constexpr, TEXT_GRAD: tl.constexpr, CD_GRAD: tl.constexpr,
     ):
-        offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        b_mask = offs_b < B
-        y = tl.load(Labels + offs_b, mask=b_mask, other=0)
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        y, _ = label_row(Labels, b, K)
+        offs_e = tl.arange(0, E_PAD)
+        e_mask = offs_e < E
+        x, f_hat, nf, inv_nf = margin_features(F_, Text, b, y, offs_e, e_mask, stride_fb, stride_fe,
+                                               stride_tk, stride_te, alpha, eps)
         g = tl.load(DLoss).to(tl.float32) * inv_b
-        nf, inv_nf = _feature_norms(F_, offs_b, b_mask, E, sfb, sfe, eps, BLOCK_B, BLOCK_E)
-        lse = tl.load(Lse + offs_b, mask=b_mask, other=0.0)
-        ts = tl.zeros([BLOCK_B], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
-            ts += tl.sum(tl.where(k_mask[None, :], target, 0.0), 1)
-        radial = tl.zeros([BLOCK_B], tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < E
-            x, f_hat = _margin_features(F_, Text, offs_b, b_mask, y, offs_e, e_mask, inv_nf,
-                                        alpha, sfb, sfe, stk, ste)
-            dx = tl.zeros([BLOCK_B, BLOCK_E], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
+        lse = tl.load(Lse + b)
+        ts = tl.load(TargetSum + b)
+        dx = tl.zeros([E_PAD], tl.float32)
+        for i in range(0, blocks_per_program):
+            block = split * blocks_per_program + i
+            if block < n_blocks:
+                offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < K
-                valid = b_mask[:, None] & k_mask[None, :]
-                z = tl.load(Logits + offs_b[:, None] * K + offs_k[None, :], mask=valid,
-                            other=float("-inf"))
-                target = _soft_target(CD, offs_b, b_mask, y, offs_k, k_mask, scdk, scdc, epsilon)
-                log_p = z - lse[:, None]
-                dz = g * (tl.exp(log_p) * ts[:, None] - target)
+                log_p = tl.load(Logits + b * K + offs_k, mask=k_mask, other=float("-inf")) - lse
+                target = soft_target(CD, y, offs_k, k_mask, stride_ck, stride_cc, epsilon)
+                dz = g * (tl.exp(log_p) * ts - target)
                 if HAS_DLOGITS:
-                    dz += tl.load(DLogits + offs_b[:, None] * sdlb + offs_k[None, :] * sdlk,
-                                  mask=valid, other=0.0).to(tl.float32)
-                dz = tl.where(valid, dz, 0.0)
-                tt = tl.load(Text + offs_k[:, None] * stk + offs_e[None, :] * ste,
-                             mask=k_mask[:, None] & e_mask[None, :], other=0.0)
-                dx += tl.dot(dz.to(tt.dtype), tt, input_precision=PRECISION) * scale
+                    dz += tl.load(DLogits + b * stride_dlb + offs_k * stride_dlk, mask=k_mask,
+                                  other=0.0).to(tl.float32)
+                dz = tl.where(k_mask, dz, 0.0)
+                t_mask = k_mask[:, None] & e_mask[None, :]
+                t = tl.load(Text + offs_k[:, None] * stride_tk + offs_e[None, :] * stride_te,
+                            mask=t_mask, other=0.0)
+                dx += gemv_t(t, dz) * scale
                 if TEXT_GRAD:
-                    gt = tl.dot(tl.trans(dz).to(tt.dtype), x.to(tt.dtype),
-                                input_precision=PRECISION) * scale
-                    tl.atomic_add(GText + offs_k[:, None] * E + offs_e[None, :], gt,
-                                  mask=k_mask[:, None] & e_mask[None, :])
+                    dt = outer_fma(tl.zeros([BLOCK_K, E_PAD], tl.float32), dz * scale, x)
+                    tl.atomic_add(DText + offs_k[:, None] * E + offs_e[None, :], dt, mask=t_mask)
                 if CD_GRAD:
-                    if e0 == 0:
-                        tl.atomic_add(DCD + y[:, None] * K + offs_k[None, :], -g * tl.where(valid, log_p, 0.0),
-                                      mask=valid & (offs_k[None, :] != y[:, None]))
-            if TEXT_GRAD:
-                tl.atomic_add(GText + y[:, None] * E + offs_e[None, :], -alpha * dx,
-                              mask=b_mask[:, None] & e_mask[None, :])
-            radial += tl.sum(f_hat * dx, 1)
-            tl.store(DF + offs_b[:, None] * E + offs_e[None, :], dx,
-                     mask=b_mask[:, None] & e_mask[None, :])
-        tl.debug_barrier()
-        radial = tl.where(nf >= eps, radial, 0.0)
-        for e0 in range(0, E, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            mask = b_mask[:, None] & (offs_e < E)[None, :]
-            dx = tl.load(DF + offs_b[:, None] * E + offs_e[None, :], mask=mask, other=0.0)
-            f_hat = tl.load(F_ + offs_b[:, None] * sfb + offs_e[None, :] * sfe, mask=mask,
-                            other=0.0).to(tl.float32) * inv_nf[:, None]
-            tl.store(DF + offs_b[:, None] * E + offs_e[None, :],
-                     (dx - f_hat * radial[:, None]) * inv_nf[:, None], mask=mask)
+                    tl.atomic_add(DCD + y * K + offs_k, -g * log_p, mask=k_mask & (offs_k != y))
+        radial = tl.where(nf >= eps, tl.sum(f_hat * dx, axis=0), 0.0)
+        df = (dx - f_hat * radial) * inv_nf
+        if TEXT_GRAD:
+            tl.atomic_add(DText + y * E + offs_e, -alpha * dx, mask=e_mask)
+        if SPLIT:
+            tl.atomic_add(DF + b * E + offs_e, df, mask=e_mask)
+        else:
+            tl.store(DF + b * E + offs_e, df.to(DF.dtype.element_ty), mask=e_mask)
 
 
-class _SLSMMS(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
-        b, e = image_features.shape
-        k = text.shape[0]
-        cfg = sls_configs(image_features.device, image_features.dtype)
-        logits = torch.empty((b, k), dtype=torch.float32, device=image_features.device)
-        lse = torch.empty((b,), dtype=torch.float32, device=image_features.device)
-        loss = torch.zeros((), dtype=torch.float32, device=image_features.device)
-        _sls_fwd_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
-            image_features, text, labels, class_dist, logits, lse, loss,
-            *image_features.stride(), *text.stride(), *class_dist.stride(), b, k, e,
-            alpha, logit_scale, epsilon, 1.0 / b, EPS,
-            BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(image_features), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        ctx.save_for_backward(image_features, text, labels, class_dist, logits, lse)
-        ctx.params = (alpha, logit_scale, epsilon)
-        ctx.set_materialize_grads(False)
-        return loss, logits
+def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config=None):
+    """(loss, logits [B, K] fp32, lse [B], Σ target [B]) — the last two kept for the backward."""
+    b, e = image_features.shape
+    k = text.shape[0]
+    dev = image_features.device
+    config = config or sls_config(b, k, e, dev)
+    n_blocks = triton.cdiv(k, config["BLOCK_K"])
+    splits, per_program = split_blocks(b, n_blocks, dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    logits = torch.empty((b, k), **f32)
+    lse = torch.empty((b,), **f32)
+    target_sum = torch.empty((b,), **f32)
+    loss = torch.zeros((), **f32)
+    partial = torch.empty((b, splits, PARTIAL_WIDTH), **f32)
+    tickets = torch.zeros((b,), dtype=torch.int32, device=dev)
+    _sls_fwd_kernel[(b, splits)](
+        F_=image_features, Text=text, Labels=labels, CD=class_dist, Logits=logits, Lse=lse,
+        TargetSum=target_sum, Loss=loss, Partial=partial, Tickets=tickets,
+        stride_fb=image_features.stride(0), stride_fe=image_features.stride(1),
+        stride_tk=text.stride(0), stride_te=text.stride(1),
+        stride_ck=class_dist.stride(0), stride_cc=class_dist.stride(1),
+        K=k, E=e, n_blocks=n_blocks, blocks_per_program=per_program, alpha=alpha,
+        scale=logit_scale, epsilon=epsilon, inv_b=1.0 / b, eps=EPS, SPLIT=splits > 1,
+        **config.kwargs,
+    )
+    return loss, logits, lse, target_sum
 
-    @staticmethod
-    def backward(ctx, dloss, dlogits):
-        image_features, text, labels, class_dist, logits, lse = ctx.saved_tensors
-        alpha, logit_scale, epsilon = ctx.params
-        b, e = image_features.shape
-        k = text.shape[0]
-        cfg = sls_configs(image_features.device, image_features.dtype)
-        dev = image_features.device
-        if dloss is None:
-            dloss = torch.zeros((), dtype=torch.float32, device=dev)
-        text_grad, cd_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        df = torch.empty((b, e), dtype=torch.float32, device=dev)
-        g_text = torch.zeros((k, e), dtype=torch.float32, device=dev) if text_grad else df
-        dcd = torch.zeros((k, k), dtype=torch.float32, device=dev) if cd_grad else df
-        dl_arg = dlogits if dlogits is not None else logits
-        _sls_bwd_kernel[(triton.cdiv(b, cfg["BLOCK_B"]),)](
-            image_features, text, labels, class_dist, logits, lse, dloss, dl_arg, df, g_text,
-            dcd, *image_features.stride(), *text.stride(), *class_dist.stride(),
-            *dl_arg.stride(), b, k, e, alpha, logit_scale, epsilon, 1.0 / b, EPS,
-            BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], BLOCK_E=cfg["BLOCK_E"],
-            PRECISION=dot_precision(image_features), HAS_DLOGITS=dlogits is not None,
-            TEXT_GRAD=text_grad, CD_GRAD=cd_grad, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return (df.to(image_features.dtype), g_text.to(text.dtype) if text_grad else None, None,
-                dcd.to(class_dist.dtype) if cd_grad else None, None, None, None)
+
+def _sls_bwd(dloss, dlogits, image_features, text, labels, class_dist, logits, lse, target_sum,
+             alpha, logit_scale, epsilon, text_grad, cd_grad, config=None):
+    """(d image_features, d text fp32 or None, d class_dist fp32 or None)."""
+    b, e = image_features.shape
+    k = text.shape[0]
+    dev = image_features.device
+    config = config or sls_config(b, k, e, dev)
+    n_blocks = triton.cdiv(k, config["BLOCK_K"])
+    splits, per_program = split_blocks(b, n_blocks, dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    if splits > 1:
+        df = torch.zeros((b, e), **f32)
+    else:
+        df = torch.empty((b, e), dtype=image_features.dtype, device=dev)
+    dtext = torch.zeros((k, e), **f32) if text_grad else None
+    dcd = torch.zeros((k, k), **f32) if cd_grad else None
+    unused = placeholder(dev)
+    dl = dlogits if dlogits is not None else unused
+    _sls_bwd_kernel[(b, splits)](
+        F_=image_features, Text=text, Labels=labels, CD=class_dist, Logits=logits, Lse=lse,
+        TargetSum=target_sum, DLoss=dloss, DLogits=dl, DF=df,
+        DText=dtext if text_grad else unused, DCD=dcd if cd_grad else unused,
+        stride_fb=image_features.stride(0), stride_fe=image_features.stride(1),
+        stride_tk=text.stride(0), stride_te=text.stride(1),
+        stride_ck=class_dist.stride(0), stride_cc=class_dist.stride(1),
+        stride_dlb=dlogits.stride(0) if dlogits is not None else 0,
+        stride_dlk=dlogits.stride(1) if dlogits is not None else 0,
+        K=k, E=e, n_blocks=n_blocks, blocks_per_program=per_program, alpha=alpha,
+        scale=logit_scale, epsilon=epsilon, inv_b=1.0 / b, eps=EPS, SPLIT=splits > 1,
+        HAS_DLOGITS=dlogits is not None, TEXT_GRAD=text_grad, CD_GRAD=cd_grad, **config.kwargs,
+    )
+    return df.to(image_features.dtype), dtext, dcd
+
+
+@torch.library.custom_op("alignclip::sls_mms_loss", mutates_args=())
+def _sls_op(image_features: Tensor, text: Tensor, labels: Tensor, class_dist: Tensor, alpha: float,
+            logit_scale: float, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
+
+
+@_sls_op.register_fake
+def _(image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
+    b, k = image_features.shape[0], text.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (image_features.new_empty((), **f32), image_features.new_empty((b, k), **f32),
+            image_features.new_empty((b,), **f32), image_features.new_empty((b,), **f32))
+
+
+@torch.library.custom_op("alignclip::sls_mms_loss_backward", mutates_args=())
+def _sls_bwd_op(dloss: Tensor, dlogits: Optional[Tensor], image_features: Tensor,
+                text: Tensor, labels: Tensor, class_dist: Tensor, logits: Tensor, lse: Tensor,
+                target_sum: Tensor, alpha: float, logit_scale: float, epsilon: float,
+                text_grad: bool, cd_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    df, dtext, dcd = _sls_bwd(dloss, dlogits, image_features, text, labels,
+                              class_dist, logits, lse, target_sum, alpha, logit_scale, epsilon,
+                              text_grad, cd_grad)
+    return (df, dtext.to(text.dtype) if text_grad else text.new_empty(0),
+            dcd.to(class_dist.dtype) if cd_grad else class_dist.new_empty(0))
+
+
+@_sls_bwd_op.register_fake
+def _(dloss, dlogits, image_features, text, labels, class_dist, logits, lse,
+      target_sum, alpha, logit_scale, epsilon, text_grad, cd_grad):
+    return (torch.empty_like(image_features), text.new_empty(text.shape if text_grad else (0,)),
+            class_dist.new_empty(class_dist.shape if cd_grad else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    image_features, text, labels, class_dist, alpha, logit_scale, epsilon = inputs
+    _, logits, lse, target_sum = output
+    ctx.save_for_backward(image_features, text, labels, class_dist, logits, lse, target_sum)
+    ctx.params = (alpha, logit_scale, epsilon)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dloss, dlogits, _d_lse, _d_target_sum):
+    refuse_double_backward("sls_mms_loss")
+    image_features, text, labels, class_dist, logits, lse, target_sum = ctx.saved_tensors
+    text_grad, cd_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if dloss is None:
+        dloss = torch.zeros((), dtype=torch.float32, device=logits.device)
+    df, dtext, dcd = _sls_bwd_op(dloss, dlogits, image_features, text, labels, class_dist, logits,
+                                 lse, target_sum, *ctx.params, text_grad, cd_grad)
+    return (df, dtext if text_grad else None, None, dcd if cd_grad else None, None, None, None)
+
+
+_sls_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
@@ -252,18 +338,19 @@ def _check(image_features, text, labels, class_dist, alpha, logit_scale, epsilon
             _checks.finite("epsilon", epsilon))
 
 
-def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=0.3, logit_scale=100.0,
-                 epsilon=0.9):
+def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=MARGIN_ALPHA,
+                 logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON):
     """`(loss, logits [B, K] fp32)`: SLS soft-target cross-entropy over CLIPood's margin logits."""
     alpha, logit_scale, epsilon = _check(image_features, text, labels, class_dist, alpha,
                                          logit_scale, epsilon)
     if not runs_triton(image_features):
         return reference.sls_mms_loss(image_features, text, labels, class_dist, alpha=alpha,
                                       logit_scale=logit_scale, epsilon=epsilon)
-    return _SLSMMS.apply(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
+    loss, logits, _, _ = _sls_op(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
+    return loss, logits
 
 
-def class_distribution(text, *, smoothing=35.0):
+def class_distribution(text, *, smoothing=SMOOTHING):
     """SLS class relations [K, K] fp32: softmax(text textᵀ · smoothing, dim=1). Once per run."""
     _checks.tensor("text", text, 2, "[K, E]")
     if text.shape[0] < 1 or text.shape[1] < 1:

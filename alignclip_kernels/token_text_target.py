@@ -1,136 +1,285 @@
-r"""Token-text similarity target G (SPEC.md section 2).
+r"""Token-text similarity target G: how much each patch of the D-V path matches the label's text.
 
-    û_n = u_n / max(‖u_n‖, ε),  t̂ = t_y / max(‖t_y‖, ε),  c_n = û_n · t̂,
-    G_n = softmax_n(c_n / τ)                                       (per image b, fp32)
+For tokens u [B, P, E] (not normalised), text t [K, E] and labels y [B]:
 
-Forward: one launch, a program per image holding all P patches; E is streamed in chunks.
-Backward: one launch (plus a zero fill of d(text) when text needs a gradient):
+    û_n = u_n / max(‖u_n‖, ε),   t̂ = t_y / max(‖t_y‖, ε),   c_n = û_n · t̂
+    G_n = softmax_n(c_n / τ)                                   [B, P] fp32, per image
 
-    dz_n = G_n (dG_n − Σ_m G_m dG_m),   dc_n = dz_n / τ
-    du_n = (dc_n t̂ − [‖u_n‖ ≥ ε] dc_n c_n û_n) / max(‖u_n‖, ε)
-    dt_y += (Σ_n dc_n û_n − [‖t_y‖ ≥ ε] t̂ Σ_n dc_n c_n) / max(‖t_y‖, ε)     (atomic over b)
+ε = 1e-12 as `F.normalize`. Differentiable in tokens and text (AlignCLIP does not detach G).
+
+Forward, one launch over (image, split): the programs of an image share its BLOCK_P-row
+blocks, stream E in BLOCK_E chunks, store z_n = c_n/τ into G and (c_n, ‖u_n‖) for the backward,
+and publish a partial (max, Σexp); the last of them to finish normalises the image's G in
+place. Backward, one launch over (image, split); each program reads Σ_m G_m dG_m of its image
+(P floats) itself:
+
+    dc_n = G_n (dG_n − Σ_m G_m dG_m) / τ
+    du_n = dc_n (t̂ − [‖u_n‖ ≥ ε] c_n û_n) / max(‖u_n‖, ε)
+    dt_y += (Σ_n dc_n û_n − [‖t_y‖ ≥ ε] (Σ_n dc_n c_n) t̂) / max(‖t_y‖, ε)        (atomic)
+
+Necessary multiply-adds (`roofline.token_text_target`): B·P·E forward (û_n · t̂); the backward
+reuses the saved c_n and ‖u_n‖ and needs B·P·E only for d(text).
+
+A label outside [0, K) gives a NaN row of G (the kernels never read out of bounds); on the CPU
+it is refused before any work.
 """
 import torch
+from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, next_pow2, runs_triton
+from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
+from .paper import TEMPERATURE
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive
+
 EPS = reference.NORM_EPS
 
 
-def _blocks(p, e):
-    block_p = next_pow2(p)
-    block_e = max(1, min(next_pow2(e), 8192 // block_p))
-    return block_p, block_e
+def target_config(e, device):
+    """BLOCK_P rows × BLOCK_E columns per tile: a [16, 256] fp32 tile is 32 registers a thread."""
+    if cuda_arch(device) is None:
+        return LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_E=min(32, next_pow2(e)))
+    return LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=16, BLOCK_E=min(256, next_pow2(e)))
 
 
 if HAS_TRITON:
 
     @triton.jit
-    def _row_cosines(U, T, offs_p, p_mask, E, sue, ste, BLOCK_P: tl.constexpr,
-                     BLOCK_E: tl.constexpr):
-        """Dot products with t, squared norms of each u row and of t, streamed over E."""
-        dot = tl.zeros([BLOCK_P], tl.float32)
-        uu = tl.zeros([BLOCK_P], tl.float32)
+    def label_row(Labels, b, K):
+        """(y, ok): the label of image b, clamped into [0, K) so nothing reads out of bounds."""
+        y = tl.load(Labels + b)
+        ok = (y >= 0) & (y < K)
+        return tl.where(ok, y, 0), ok
+
+    @triton.jit
+    def text_inv_norm(Text_row, stride_xe, E, eps, BLOCK_E: tl.constexpr):
+        """(1 / max(‖t‖, ε), ‖t‖) of one text row."""
         tt = tl.zeros([BLOCK_E], tl.float32)
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
-            e_mask = offs_e < E
-            u = tl.load(U + offs_p[:, None] + offs_e[None, :] * sue,
-                        mask=p_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-            t = tl.load(T + offs_e * ste, mask=e_mask, other=0.0).to(tl.float32)
-            dot += tl.sum(u * t[None, :], 1)
-            uu += tl.sum(u * u, 1)
+            t = tl.load(Text_row + offs_e * stride_xe, mask=offs_e < E, other=0.0).to(tl.float32)
             tt += t * t
-        return dot, uu, tl.sum(tt, 0)
+        total = tl.sum(tt, axis=0)
+        return inv_norm(total, eps), tl.sqrt(total)
 
     @triton.jit
-    def _target_fwd_kernel(
-        Tok, Text, Labels, G, stb, stp, ste, sxk, sxe, sgb, P, E, inv_temp, eps,
-        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        y = tl.load(Labels + b)
-        offs_p = tl.arange(0, BLOCK_P)
-        p_mask = offs_p < P
-        dot, uu, tt = _row_cosines(Tok + b * stb, Text + y * sxk, offs_p * stp, p_mask, E, ste,
-                                   sxe, BLOCK_P, BLOCK_E)
-        cos = dot / (tl.maximum(tl.sqrt(uu), eps) * tl.maximum(tl.sqrt(tt), eps))
-        z = tl.where(p_mask, cos * inv_temp, float("-inf"))
-        ez = tl.exp(z - tl.max(z, 0))
-        tl.store(G + b * sgb + offs_p, ez / tl.sum(ez, 0), mask=p_mask)
+    def row_cosines(Tok, stride_tp, stride_te, Text_row, stride_xe, offs_p, p_mask, E, inv_nt, eps,
+                    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+        """(c_n, ‖u_n‖) for a block of token rows: c_n = û_n · t̂, streamed over E."""
+        dot = tl.zeros([BLOCK_P], tl.float32)
+        uu = tl.zeros([BLOCK_P], tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            e_mask = offs_e < E
+            u = tl.load(Tok + offs_p[:, None] * stride_tp + offs_e[None, :] * stride_te,
+                        mask=p_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+            t = tl.load(Text_row + offs_e * stride_xe, mask=e_mask, other=0.0)
+            dot += gemv(u, t)
+            uu += tl.sum(u * u, axis=1)
+        return dot * inv_norm(uu, eps) * inv_nt, tl.sqrt(uu)
 
     @triton.jit
-    def _target_bwd_kernel(
-        Tok, Text, Labels, G, DG, DTok, DText, stb, stp, ste, sxk, sxe, sgb, sdgb, sdgp,
-        sdtb, sdtp, P, E, inv_temp, eps,
-        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        y = tl.load(Labels + b)
-        offs_p = tl.arange(0, BLOCK_P)
-        p_mask = offs_p < P
-        Tok += b * stb
-        Text += y * sxk
-        dot, uu, tt = _row_cosines(Tok, Text, offs_p * stp, p_mask, E, ste, sxe, BLOCK_P,
-                                   BLOCK_E)
-        nu = tl.sqrt(uu)
-        nt = tl.sqrt(tt)
-        du_den = tl.maximum(nu, eps)
-        dt_den = tl.maximum(nt, eps)
-        cos = dot / (du_den * dt_den)
-        g = tl.load(G + b * sgb + offs_p, mask=p_mask, other=0.0)
-        dg = tl.load(DG + b * sdgb + offs_p * sdgp, mask=p_mask, other=0.0).to(tl.float32)
-        dc = g * (dg - tl.sum(g * dg, 0)) * inv_temp
-        u_keep = tl.where(nu >= eps, 1.0, 0.0)
-        t_keep = tl.where(nt >= eps, 1.0, 0.0)
-        dc_cos = tl.sum(dc * cos, 0)
+    def cosine_backward(Tok, stride_tp, stride_te, Text_row, stride_xe, DTok, stride_dp, stride_de,
+                        DText_row, offs_p, p_mask, dc, c, nu, E, inv_nt, nt, eps,
+                        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr):
+        """Store du_n for a block of rows given dc_n = dL/dc_n; with TEXT_GRAD, add the block's
+        part of d(text row) atomically (see the module docstring)."""
+        inv_nu = inv_norm(nu * nu, eps)
+        radial = tl.where(nu >= eps, c, 0.0)
+        text_radial = tl.where(nt >= eps, tl.sum(dc * c, axis=0), 0.0)
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             e_mask = offs_e < E
             mask = p_mask[:, None] & e_mask[None, :]
-            u_hat = tl.load(Tok + offs_p[:, None] * stp + offs_e[None, :] * ste, mask=mask,
-                            other=0.0).to(tl.float32) / du_den[:, None]
-            t_hat = tl.load(Text + offs_e * sxe, mask=e_mask, other=0.0).to(tl.float32) / dt_den
-            du = dc[:, None] * (t_hat[None, :] - (u_keep * cos)[:, None] * u_hat) / du_den[:, None]
-            tl.store(DTok + b * sdtb + offs_p[:, None] * sdtp + offs_e[None, :],
+            u_hat = tl.load(Tok + offs_p[:, None] * stride_tp + offs_e[None, :] * stride_te,
+                            mask=mask, other=0.0).to(tl.float32) * inv_nu[:, None]
+            t_hat = tl.load(Text_row + offs_e * stride_xe, mask=e_mask, other=0.0).to(tl.float32) * inv_nt
+            du = dc[:, None] * (t_hat[None, :] - radial[:, None] * u_hat) * inv_nu[:, None]
+            tl.store(DTok + offs_p[:, None] * stride_dp + offs_e[None, :] * stride_de,
                      du.to(DTok.dtype.element_ty), mask=mask)
             if TEXT_GRAD:
-                dt = (tl.sum(dc[:, None] * u_hat, 0) - t_keep * dc_cos * t_hat) / dt_den
-                tl.atomic_add(DText + y * E + offs_e, dt, mask=e_mask)
+                dt = (gemv_t(u_hat, dc) - text_radial * t_hat) * inv_nt
+                tl.atomic_add(DText_row + offs_e, dt, mask=e_mask)
+
+    @triton.jit
+    def normalize_rows(G, P, m, l, label_ok, BLOCK_P: tl.constexpr):
+        """G_n = exp(z_n − m) / l in place over an image's P entries (NaN for a bad label)."""
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = offs_p < P
+            z = tl.load(G + offs_p, mask=p_mask, other=0.0, cache_modifier=".cg")
+            g = tl.where(label_ok, tl.exp(z - m) / l, float("nan"))
+            tl.store(G + offs_p, g, mask=p_mask)
+
+    @triton.jit
+    def _target_fwd_kernel(
+        Tok, Text, Labels, G, RowStats, Partial, Tickets,
+        stride_tb, stride_tp, stride_te,
+        stride_xk, stride_xe,
+        P, E, K, n_blocks, blocks_per_program, inv_temp, eps,
+        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        y, label_ok = label_row(Labels, b, K)
+        Text_row = Text + y * stride_xk
+        inv_nt, _ = text_inv_norm(Text_row, stride_xe, E, eps, BLOCK_E)
+        Tok += b * stride_tb
+        G += b * P
+        RowStats += b * P * 2
+        m = float("-inf")
+        l = 0.0
+        for i in range(0, blocks_per_program):
+            block = split * blocks_per_program + i
+            if block < n_blocks:
+                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                p_mask = offs_p < P
+                c, nu = row_cosines(Tok, stride_tp, stride_te, Text_row, stride_xe, offs_p, p_mask,
+                                    E, inv_nt, eps, BLOCK_P, BLOCK_E)
+                z = tl.where(p_mask, c * inv_temp, float("-inf"))
+                tl.store(G + offs_p, z, mask=p_mask)
+                tl.store(RowStats + offs_p * 2, c, mask=p_mask)
+                tl.store(RowStats + offs_p * 2 + 1, nu, mask=p_mask)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+        if SPLIT:
+            n_splits = tl.num_programs(1)
+            tl.store(Partial + (b * n_splits + split) * 2, m)
+            tl.store(Partial + (b * n_splits + split) * 2 + 1, l)
+            if last_to_arrive(Tickets, b, n_splits):
+                m, l = combine_logsumexp(Partial + b * n_splits * 2, n_splits, 2)
+                normalize_rows(G, P, m, l, label_ok, BLOCK_P)
+        else:
+            tl.debug_barrier()
+            normalize_rows(G, P, m, l, label_ok, BLOCK_P)
+
+    @triton.jit
+    def _target_bwd_kernel(
+        Tok, Text, Labels, G, DG, RowStats, DTok, DText,
+        stride_tb, stride_tp, stride_te,
+        stride_xk, stride_xe,
+        stride_dgb, stride_dgp,
+        stride_db, stride_dp, stride_de,
+        P, E, K, n_blocks, blocks_per_program, inv_temp, eps,
+        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        split = tl.program_id(1)
+        y, _ = label_row(Labels, b, K)
+        Text_row = Text + y * stride_xk
+        inv_nt, nt = text_inv_norm(Text_row, stride_xe, E, eps, BLOCK_E)
+        G += b * P
+        DG += b * stride_dgb
+        g_dg = 0.0
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_mask = offs_p < P
+            g = tl.load(G + offs_p, mask=p_mask, other=0.0)
+            dg = tl.load(DG + offs_p * stride_dgp, mask=p_mask, other=0.0).to(tl.float32)
+            g_dg += tl.sum(g * dg, axis=0)
+        for i in range(0, blocks_per_program):
+            block = split * blocks_per_program + i
+            if block < n_blocks:
+                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                p_mask = offs_p < P
+                g = tl.load(G + offs_p, mask=p_mask, other=0.0)
+                dg = tl.load(DG + offs_p * stride_dgp, mask=p_mask, other=0.0).to(tl.float32)
+                dc = tl.where(p_mask, g * (dg - g_dg) * inv_temp, 0.0)
+                c = tl.load(RowStats + (b * P + offs_p) * 2, mask=p_mask, other=0.0)
+                nu = tl.load(RowStats + (b * P + offs_p) * 2 + 1, mask=p_mask, other=1.0)
+                cosine_backward(Tok + b * stride_tb, stride_tp, stride_te, Text_row, stride_xe,
+                                DTok + b * stride_db, stride_dp, stride_de, DText + y * E, offs_p,
+                                p_mask, dc, c, nu, E, inv_nt, nt, eps, BLOCK_P, BLOCK_E, TEXT_GRAD)
 
 
-class _TokenTextTarget(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tokens, text, labels, temperature):
-        b, p, e = tokens.shape
-        g = torch.empty((b, p), dtype=torch.float32, device=tokens.device)
-        block_p, block_e = _blocks(p, e)
-        _target_fwd_kernel[(b,)](
-            tokens, text, labels, g, *tokens.stride(), *text.stride(), g.stride(0), p, e,
-            1.0 / temperature, EPS, BLOCK_P=block_p, BLOCK_E=block_e)
-        ctx.save_for_backward(tokens, text, labels, g)
-        ctx.temperature = temperature
-        return g
+def _target_fwd(tokens, text, labels, temperature, config=None):
+    """(G [B, P] fp32, row stats [B, P, 2] fp32: (c_n, ‖u_n‖) kept for the backward)."""
+    b, p, e = tokens.shape
+    config = config or target_config(e, tokens.device)
+    n_blocks = triton.cdiv(p, config["BLOCK_P"])
+    splits, per_program = split_blocks(b, n_blocks, tokens.device)
+    g = torch.empty((b, p), dtype=torch.float32, device=tokens.device)
+    row_stats = torch.empty((b, p, 2), dtype=torch.float32, device=tokens.device)
+    partial = torch.empty((b, splits, 2), dtype=torch.float32, device=tokens.device)
+    tickets = torch.zeros((b,), dtype=torch.int32, device=tokens.device)
+    _target_fwd_kernel[(b, splits)](
+        Tok=tokens, Text=text, Labels=labels, G=g, RowStats=row_stats, Partial=partial,
+        Tickets=tickets,
+        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+        stride_xk=text.stride(0), stride_xe=text.stride(1),
+        P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
+        inv_temp=1.0 / temperature, eps=EPS, SPLIT=splits > 1, **config.kwargs,
+    )
+    return g, row_stats
 
-    @staticmethod
-    def backward(ctx, dg):
-        tokens, text, labels, g = ctx.saved_tensors
-        b, p, e = tokens.shape
-        text_grad = ctx.needs_input_grad[1]
-        dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
-        dtext = (torch.zeros(text.shape, dtype=torch.float32, device=text.device) if text_grad
-                 else dtok)
-        block_p, block_e = _blocks(p, e)
-        _target_bwd_kernel[(b,)](
-            tokens, text, labels, g, dg, dtok, dtext, *tokens.stride(), *text.stride(),
-            g.stride(0), *dg.stride(), dtok.stride(0), dtok.stride(1), p, e,
-            1.0 / ctx.temperature, EPS, BLOCK_P=block_p, BLOCK_E=block_e, TEXT_GRAD=text_grad)
-        return dtok, dtext.to(text.dtype) if text_grad else None, None, None
+
+def _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad, config=None):
+    """(d tokens, d text fp32 or None)."""
+    b, p, e = tokens.shape
+    config = config or target_config(e, tokens.device)
+    n_blocks = triton.cdiv(p, config["BLOCK_P"])
+    splits, per_program = split_blocks(b, n_blocks, tokens.device)
+    dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
+    dtext = (torch.zeros(text.shape, dtype=torch.float32, device=text.device) if text_grad
+             else placeholder(tokens.device))
+    _target_bwd_kernel[(b, splits)](
+        Tok=tokens, Text=text, Labels=labels, G=g, DG=dg, RowStats=row_stats, DTok=dtok,
+        DText=dtext,
+        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+        stride_xk=text.stride(0), stride_xe=text.stride(1),
+        stride_dgb=dg.stride(0), stride_dgp=dg.stride(1),
+        stride_db=dtok.stride(0), stride_dp=dtok.stride(1), stride_de=dtok.stride(2),
+        P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
+        inv_temp=1.0 / temperature, eps=EPS, TEXT_GRAD=text_grad, **config.kwargs,
+    )
+    return dtok, (dtext if text_grad else None)
+
+
+@torch.library.custom_op("alignclip::token_text_target", mutates_args=())
+def _target_op(tokens: Tensor, text: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    return _target_fwd(tokens, text, labels, temperature)
+
+
+@_target_op.register_fake
+def _(tokens, text, labels, temperature):
+    b, p, _ = tokens.shape
+    return tokens.new_empty((b, p), dtype=torch.float32), tokens.new_empty((b, p, 2), dtype=torch.float32)
+
+
+@torch.library.custom_op("alignclip::token_text_target_backward", mutates_args=())
+def _target_bwd_op(dg: Tensor, tokens: Tensor, text: Tensor, labels: Tensor, g: Tensor,
+                   row_stats: Tensor, temperature: float, text_grad: bool) -> tuple[Tensor, Tensor]:
+    dtok, dtext = _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad)
+    return dtok, dtext.to(text.dtype) if text_grad else text.new_empty(0)
+
+
+@_target_bwd_op.register_fake
+def _(dg, tokens, text, labels, g, row_stats, temperature, text_grad):
+    return torch.empty_like(tokens), text.new_empty(text.shape if text_grad else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    tokens, text, labels, temperature = inputs
+    g, row_stats = output
+    ctx.save_for_backward(tokens, text, labels, g, row_stats)
+    ctx.temperature = temperature
+
+
+def _backward(ctx, dg, _d_row_stats):
+    refuse_double_backward("token_text_target")
+    tokens, text, labels, g, row_stats = ctx.saved_tensors
+    text_grad = ctx.needs_input_grad[1]
+    dtok, dtext = _target_bwd_op(dg, tokens, text, labels, g, row_stats, ctx.temperature, text_grad)
+    return dtok, (dtext if text_grad else None), None, None
+
+
+_target_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check(tokens, text, labels, temperature):
@@ -148,9 +297,9 @@ def _check(tokens, text, labels, temperature):
     return _checks.positive_finite("temperature", temperature)
 
 
-def token_text_target(tokens, text, labels, *, temperature=1.0):
+def token_text_target(tokens, text, labels, *, temperature=TEMPERATURE):
     """G [B, P] fp32: softmax over patches of cos(tokens[b, n], text[labels[b]]) / temperature."""
     temperature = _check(tokens, text, labels, temperature)
     if not runs_triton(tokens):
         return reference.token_text_target(tokens, text, labels, temperature=temperature)
-    return _TokenTextTarget.apply(tokens, text, labels, temperature)
+    return _target_op(tokens, text, labels, temperature)[0]

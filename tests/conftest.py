@@ -1,28 +1,18 @@
-"""Test harness: Triton's interpreter on CUDA-less machines, the `gpu` marker, the op/reference
-comparison helper and a launch counter.
+"""pytest hooks only: Triton's interpreter on CUDA-less machines and the `gpu` marker.
 
 TRITON_INTERPRET must be set before anything imports triton, so it is set here, at collection.
+Shared helpers live in tests/utils.py.
 """
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-
-# Tolerances, normwise: max|ours − ref| ≤ atol + rtol · max|ref|, ref in float64.
-TOLERANCES = {
-    torch.float32: dict(rtol=1e-5, atol=1e-7),
-    torch.float16: dict(rtol=2e-2, atol=1e-3),
-    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
-}
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
-    config.addinivalue_line("markers", "slow: long-running (interpreted kernels at larger shapes)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,88 +24,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-def assert_close(name, actual, expected, rtol, atol):
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{name}: finiteness differs"
-    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    bound = atol + rtol * (expected.abs().max().item() if expected.numel() else 0.0)
-    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (rtol={rtol}, atol={atol})"
-
-
-def check_op(op, ref, floats, *, others=(), kwargs=None, dtype=torch.float32, seed=0,
-             make_leaves=None, tolerance=None):
-    """Compare `op(*floats, *others, **kwargs)` with `ref` run in float64 on the same values.
-
-    Checks every output that is not None, then the gradients of every tensor in `floats` under
-    random upstream gradients. `make_leaves(leaves)` may map the leaf tensors to the op's
-    arguments (e.g. strided q/k/v views of one packed buffer). Returns the op's outputs.
-    """
-    kwargs = kwargs or {}
-    tol = tolerance or TOLERANCES[dtype]
-    gen = torch.Generator().manual_seed(seed)
-    leaves = [x.detach().to(dtype).requires_grad_() for x in floats]
-    ref_leaves = [x.detach().to(dtype).double().requires_grad_() for x in floats]
-    args = make_leaves(leaves) if make_leaves else leaves
-    ref_args = make_leaves(ref_leaves) if make_leaves else ref_leaves
-    outs = _as_tuple(op(*args, *others, **kwargs))
-    ref_outs = _as_tuple(ref(*ref_args, *others, **kwargs))
-    assert len(outs) == len(ref_outs)
-    pairs = [(i, o, r) for i, (o, r) in enumerate(zip(outs, ref_outs)) if r is not None]
-    for i, o, r in pairs:
-        assert o is not None, f"output {i} is None but the reference returns a tensor"
-        assert_close(f"output {i}", o, r, **tol)
-    grads_up = [torch.randn(r.shape, generator=gen, dtype=torch.float64).to(r.device)
-                for _, _, r in pairs]
-    diff = [(o, g.to(o.dtype)) for (_, o, _), g in zip(pairs, grads_up) if o.requires_grad]
-    if diff:
-        got = torch.autograd.grad([o for o, _ in diff], leaves, [g for _, g in diff],
-                                  allow_unused=True)
-        want = torch.autograd.grad([r for _, _, r in pairs if r.requires_grad], ref_leaves,
-                                   [g for (_, o, r), g in zip(pairs, grads_up) if r.requires_grad],
-                                   allow_unused=True)
-        for i, (g, w) in enumerate(zip(got, want)):
-            if w is None:
-                continue
-            assert g is not None, f"gradient of input {i} is missing"
-            assert_close(f"grad of input {i}", g, w, **tol)
-    return outs
-
-
-class LaunchCounter:
-    """Counts Triton kernel launches (by kernel name) while the interpreter runs them."""
-
-    def __init__(self):
-        self.names = []
-
-    def __enter__(self):
-        from triton.runtime import interpreter
-
-        self._cls = interpreter.GridExecutor
-        self._orig = self._cls.__call__
-        names = self.names
-
-        def counted(executor, *args, **kw):
-            names.append(executor.fn.__name__)
-            return self._orig(executor, *args, **kw)
-
-        self._cls.__call__ = counted
-        return self
-
-    def __exit__(self, *exc):
-        self._cls.__call__ = self._orig
-        return False
-
-    def __len__(self):
-        return len(self.names)
-
-
 @pytest.fixture
 def launches():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("launch counting runs under the Triton interpreter")
+    from utils import LaunchCounter
+
     return LaunchCounter
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the ops' PyTorch path (the interpreter is exercised by the kernel tests)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -1,4 +1,5 @@
-"""Image samples, loading with clear errors, CLIP transforms and the step-indexed batch order.
+"""Image samples, loading with clear errors, the two papers' transforms and the step-indexed
+batch order.
 
 The order of training batches is a pure function of (seed, domain, step): each domain's stream
 is a concatenation of seeded permutations, and step t takes items [t·bs, (t+1)·bs). Each item's
@@ -15,9 +16,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+# torchvision's ImageFolder extensions, compared case-insensitively as it does
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class Sample(NamedTuple):
@@ -28,6 +32,15 @@ class Sample(NamedTuple):
 class CorruptImageError(RuntimeError):
     """One line naming the file that could not be read."""
 
+    @staticmethod
+    def one_line(exc):
+        """The original one-line message, also when a DataLoader worker re-raised the error (its
+        message is then the worker's whole traceback, whose last line is the original)."""
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        marker = "CorruptImageError: "
+        return last.split(marker, 1)[1] if marker in last else last
+
 
 def seed_hash(*parts):
     """A 31-bit seed from any parts, stable across runs and processes (unlike hash())."""
@@ -35,22 +48,39 @@ def seed_hash(*parts):
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def train_transform(size):
+def train_transform(kind, size):
+    """DomainBed's augmentation (its data sets) or CoOp's (its data sets)."""
+    if kind == "domainbed":
+        return T.Compose([
+            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            T.RandomGrayscale(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BILINEAR),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
 
 
-def eval_transform(size):
+def eval_transform(kind, size):
+    if kind == "domainbed":
+        return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
+
+
+def normalization(kind):
+    """(mean, std) the transforms of `kind` normalise with (the attention figure undoes it)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if kind == "domainbed" else (CLIP_MEAN, CLIP_STD)
 
 
 def load_rgb(path):
@@ -58,7 +88,8 @@ def load_rgb(path):
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise CorruptImageError(f"corrupt image: {path} ({type(exc).__name__}: {exc})") from None
+        raise CorruptImageError(f"corrupt image: {path} ({type(exc).__name__}: {exc}); set "
+                                "data.skip_corrupt=true to skip unreadable images") from None
 
 
 class SampleDataset(torch.utils.data.Dataset):
@@ -84,7 +115,7 @@ class SampleDataset(torch.utils.data.Dataset):
             except CorruptImageError as exc:
                 if not self.skip_corrupt:
                     raise
-                warnings.warn(f"skipping {exc}", stacklevel=2)
+                warnings.warn(f"skipping {str(exc).split('; set')[0]}", stacklevel=2)
         raise CorruptImageError(f"corrupt image: every image of this split is unreadable "
                                 f"(first: {self.samples[0].path})")
 
@@ -129,5 +160,12 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 def list_images(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    """Image files under `folder`, recursively, in torchvision ImageFolder's order; hidden
+    folders and files (`.ipynb_checkpoints`) are skipped."""
+    found = []
+    for root, _, files in sorted(os.walk(folder, followlinks=True)):
+        if any(part.startswith(".") for part in os.path.relpath(root, folder).split(os.sep) if part != "."):
+            continue
+        found += [os.path.join(root, f) for f in sorted(files)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return found

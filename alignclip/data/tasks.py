@@ -1,11 +1,14 @@
-"""The three tasks of SPEC.md section 8 as training domains and evaluation sets.
+"""The three tasks as training domains and evaluation sets, split as the authors split them.
 
-- domain_shift: train on the source domains' 80%, `val` = their 20%, `test` = the targets' 20%.
-- in_the_wild: the same folders; the first ceil(K/2) sorted classes are base. Train on the
-  sources' base classes; `val` = sources' base holdout against the base names; `test` / `open`
-  = the targets' base / open images, each against all class names.
-- open_class: a CoOp split file; train on base, `val` = base val split, `test` = base test
-  split against the base names, `open` = new test split against the new names.
+- domain_shift (DomainBed): train on the sources' "in" 80%, `val` = their "out" 20% (model
+  selection), `test` = the targets' "out" 20% (CLIPood's rule).
+- in_the_wild (DomainBed with open classes): the first floor(K/2) class indices are base. Each
+  domain's base and open subsets split as DomainBed with salts "base" / "open". Train on the
+  sources' base "in" part; `val` = their base "out" part against the base names; `test` /
+  `open` = the whole target domain's base / open images (both parts), against all class names.
+- open_class (CoOp): the first ceil(K/2) labels are base; train on base (n-shot if asked),
+  `val` = base val split, `test` = base test split against the base names, `open` = the new
+  classes' test split against the new names.
 """
 from dataclasses import dataclass
 from typing import Dict, List
@@ -29,11 +32,11 @@ class Task:
     train_domains: List[List[Sample]]      # one batch from each per step
     domain_names: List[str]
     eval_sets: Dict[str, EvalSet]
+    template: str                          # the data set's prompt
+    transforms: str                        # domainbed | coop: the authors' choice for this data
 
 
 def _targets(targets, domains):
-    if not targets:
-        raise DataError("data.targets must name at least one target domain index")
     bad = [t for t in targets if not 0 <= t < len(domains)]
     if bad:
         raise DataError(f"data.targets {bad} out of range: {len(domains)} domains {domains}")
@@ -42,8 +45,8 @@ def _targets(targets, domains):
     return set(targets)
 
 
-def _relabel(samples, keep, offset=0):
-    return [Sample(s.path, s.label - offset) for s in samples if keep(s.label)]
+def _keep(samples, labels, offset=0):
+    return [Sample(s.path, s.label - offset) for s in samples if s.label in labels]
 
 
 def _shots(samples, n, seed):
@@ -59,34 +62,49 @@ def _shots(samples, n, seed):
     return picked
 
 
-def build_task(data_cfg, task, seed):
-    if task == "open_class":
-        splits, names = coop.load_split(data_cfg["root"], data_cfg["dataset"], data_cfg["split_file"])
-        m = domainbed.base_count(len(names))
-        base = lambda y: y < m  # noqa: E731
-        train = _shots(_relabel(splits["train"], base), data_cfg["shots"], seed)
-        return Task(names[:m], [train], [data_cfg["dataset"]], {
-            "val": EvalSet(_relabel(splits["val"], base), names[:m]),
-            "test": EvalSet(_relabel(splits["test"], base), names[:m]),
-            "open": EvalSet(_relabel(splits["test"], lambda y: y >= m, m), names[m:]),
-        })
-    domains, classes, samples = domainbed.load_domains(data_cfg["root"], data_cfg["dataset"])
-    targets = _targets(data_cfg["targets"], domains)
-    frac = data_cfg["holdout_fraction"]
-    parts = [domainbed.holdout_split(samples[d], seed, i, frac) for i, d in enumerate(domains)]
+def _open_class(data, seed):
+    splits, names = coop.load_split(data.root, data.dataset, data.split_file)
+    m = coop.base_count(len(names))
+    base, new = set(range(m)), set(range(m, len(names)))
+    train = _shots(_keep(splits["train"], base), data.shots, seed)
+    return Task(names[:m], [train], [data.dataset], {
+        "val": EvalSet(_keep(splits["val"], base), names[:m]),
+        "test": EvalSet(_keep(splits["test"], base), names[:m]),
+        "open": EvalSet(_keep(splits["test"], new, m), names[m:]),
+    }, coop.template(data.dataset), "coop")
+
+
+def _domain_shift(data, domains, classes, samples, targets):
+    parts = [domainbed.holdout_split(samples[d], data.split_seed, i, fraction=data.holdout_fraction)
+             for i, d in enumerate(domains)]
     sources = [i for i in range(len(domains)) if i not in targets]
-    hold_src = [s for i in sources for s in parts[i][1]]
-    hold_tgt = [s for i in sorted(targets) for s in parts[i][1]]
-    if task == "domain_shift":
-        train = [parts[i][0] for i in sources]
-        evals = {"val": EvalSet(hold_src, classes), "test": EvalSet(hold_tgt, classes)}
-        return Task(classes, train, [domains[i] for i in sources], evals)
-    if task == "in_the_wild":
-        m = domainbed.base_count(len(classes))
-        base = lambda y: y < m  # noqa: E731
-        train = [_relabel(parts[i][0], base) for i in sources]
-        evals = {"val": EvalSet(_relabel(hold_src, base), classes[:m]),
-                 "test": EvalSet(_relabel(hold_tgt, base), classes),
-                 "open": EvalSet(_relabel(hold_tgt, lambda y: y >= m), classes)}
-        return Task(classes[:m], train, [domains[i] for i in sources], evals)
-    raise DataError(f"task must be domain_shift, open_class or in_the_wild, got {task!r}")
+    return Task(classes, [parts[i][0] for i in sources], [domains[i] for i in sources], {
+        "val": EvalSet([s for i in sources for s in parts[i][1]], classes),
+        "test": EvalSet([s for i in sorted(targets) for s in parts[i][1]], classes),
+    }, domainbed.TEMPLATE, "domainbed")
+
+
+def _in_the_wild(data, domains, classes, samples, targets):
+    m = domainbed.base_count(len(classes))
+    base, open_ = set(range(m)), set(range(m, len(classes)))
+    sources = [i for i in range(len(domains)) if i not in targets]
+    splits = {i: domainbed.holdout_split(_keep(samples[domains[i]], base), data.split_seed, i, "base",
+                                         fraction=data.holdout_fraction) for i in sources}
+    whole = [s for i in sorted(targets) for s in samples[domains[i]]]
+    return Task(classes[:m], [splits[i][0] for i in sources], [domains[i] for i in sources], {
+        "val": EvalSet([s for i in sources for s in splits[i][1]], classes[:m]),
+        "test": EvalSet(_keep(whole, base), classes),
+        "open": EvalSet(_keep(whole, open_), classes),
+    }, domainbed.TEMPLATE, "domainbed")
+
+
+def build_task(data, task, seed):
+    """The Task for a DataConfig (`data`), task name and run seed."""
+    if task == "open_class":
+        return _open_class(data, seed)
+    if task not in ("domain_shift", "in_the_wild"):
+        raise DataError(f"task must be domain_shift, open_class or in_the_wild, got {task!r}")
+    domains, classes, samples = domainbed.load_domains(data.root, data.dataset)
+    targets = _targets(data.targets, domains)
+    build = _domain_shift if task == "domain_shift" else _in_the_wild
+    return build(data, domains, classes, samples, targets)

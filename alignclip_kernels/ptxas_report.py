@@ -1,17 +1,18 @@
-"""Static GPU report without a GPU: `python -m alignclip_kernels.inspect [--json FILE]`.
+"""Static GPU report without a GPU: `python -m alignclip_kernels.ptxas_report [--json FILE]`.
 
 For the paper's shapes (attention at ViT-B/32, B/16, L/14, H/14; the losses at B=108, P=196,
 E=512, K in {7, 65, 345}, L=5, H=12) and fp32/fp16/bf16, every op is run forward and backward
-on meta tensors with the dispatcher told to target sm_90 or sm_80; each kernel launch it would
-make is recorded instead of run. Each distinct launch (kernel, constexprs, warps, stages and
+on meta tensors with the dispatcher told to target sm_90 or sm_80, once with its static default
+configuration and once per autotune candidate (the attention kernels); each kernel launch it
+would make is recorded instead of run. Each distinct launch (kernel, constexprs, warps, stages and
 Triton's own argument specialisation) is compiled with `triton.compile` for
 GPUTarget("cuda", 90|80, 32), and the ptxas bundled with triton (`-v`, sm_90a / sm_80) reports
 registers and spills. Shared memory is Triton's dynamic allocation plus ptxas's static count.
 Resident warps per SM follow from registers, shared memory and warps against the chip's limits.
 On sm_90a a row says whether its 16-bit `tl.dot`s lowered to `wgmma`.
 
-Exit status 1 when a default configuration spills, exceeds shared memory (227 KB sm_90,
-163 KB sm_80) or fails to compile. Must run without TRITON_INTERPRET (it re-executes itself
+Exit status 1 when any configuration the dispatcher or the autotuner can pick spills, exceeds
+shared memory (227 KB sm_90, 163 KB sm_80) or fails to compile. Must run without TRITON_INTERPRET (it re-executes itself
 without it when set).
 """
 import argparse
@@ -23,6 +24,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA
+
+PAPER_SLS = (MARGIN_ALPHA, LOGIT_SCALE, LABEL_EPSILON)   # the SLS op's alpha, scale, epsilon
 ARCHS = {"sm_90a": 9, "sm_80": 8}
 SMEM_LIMIT = {"sm_90a": 227 * 1024, "sm_80": 163 * 1024}      # per block, opt-in maximum
 SMEM_PER_SM = {"sm_90a": 228 * 1024, "sm_80": 164 * 1024}
@@ -38,6 +42,8 @@ ATTENTION_SHAPES = {  # name: (B, H, N, D)
 }
 LOSS_SHAPE = dict(B=108, P=196, E=512, L=5, H=12)
 CLASS_COUNTS = (7, 65, 345)
+FLAGS = ("HAS_ROWS", "WRITE_DV", "HAS_DROW", "HAS_DDV", "TEXT_GRAD", "CD_GRAD", "TARGET_GRAD",
+         "FROM_TOKENS", "SPLIT")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Launch:
     args: tuple
     kwargs: dict
     cases: list = field(default_factory=list)
+    default: bool = False
 
 
 def _record_launches(run_op):
@@ -67,46 +74,81 @@ def _record_launches(run_op):
     return recorded
 
 
-def _op_runs(dtype):
-    """(case name, op, callable running forward and backward on meta tensors)."""
+def _attention_run(b, h, n, d, dtype, fwd_config=None, bwd_config=None, d_rows=True):
+    """Forward and backward of the attention launchers on meta tensors (packed q/k/v, the CLS
+    row, d(dv), and d(CLS row) unless `d_rows` is False)."""
     import torch
 
-    from . import aal_kl, attention, roofline, similarity_align, sls_mms
-    from .token_text_target import _TokenTextTarget
+    from . import attention
 
     meta = dict(device="meta", dtype=dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    qkv = torch.empty(b, n, 3, h, d, **meta)
+    q, k, v = attention._packed_views(qkv)
+    out, lse, rows = attention._attention_fwd(q, k, v, 1, d ** -0.5, None, fwd_config)
+    dq, dk, dv = attention._packed_views(torch.empty_like(qkv))
+    attention._attention_bwd(torch.empty_like(out), torch.empty_like(out),
+                             torch.empty_like(rows) if d_rows else None, q, k, v, out, lse, rows, 1,
+                             d ** -0.5, dq, dk, dv, bwd_config)
+
+
+def _loss_run(k, dtype):
+    """Forward and backward of every loss launcher on meta tensors (d(text) included)."""
+    import torch
+
+    from . import aal, similarity_align, sls_mms
+    from .token_text_target import _target_bwd, _target_fwd
+
+    b, p, e, n_layers, h = (LOSS_SHAPE[key] for key in ("B", "P", "E", "L", "H"))
+    meta = dict(device="meta", dtype=dtype)
+    f32 = dict(device="meta", dtype=torch.float32)
+    tokens, tokens_dv = torch.empty(b, p, e, **meta), torch.empty(b, p, e, **meta)
+    text = torch.empty(k, e, **meta)
+    labels = torch.empty(b, dtype=torch.int64, device="meta")
+    one = torch.empty((), **f32)
+    g, row_stats = _target_fwd(tokens_dv, text, labels, 1.0)
+    _target_bwd(torch.empty_like(g), tokens_dv, text, labels, g, row_stats, 1.0, True)
+    cls = torch.empty(n_layers, b, h, p + 1, **f32)
+    state = aal._aal_fwd(cls, None, tokens_dv, text, labels, 1.0)
+    aal._aal_bwd(one, cls, None, tokens_dv, text, labels, 1.0, *state[1:], False, True)
+    state = aal._aal_fwd(cls, g, None, None, None, 1.0)
+    aal._aal_bwd(one, cls, g, None, None, None, 1.0, *state[1:], True, False)
+    _, stats, inv_nt = similarity_align._sim_fwd(tokens, tokens_dv, text)
+    for text_grad in (False, True):
+        similarity_align._sim_bwd(one, tokens, tokens_dv, text, stats, inv_nt, text_grad)
+    feats = torch.empty(b, e, **f32)
+    dist = torch.empty(k, k, **f32)
+    _, logits, lse, target_sum = sls_mms._sls_fwd(feats, text.float(), labels, dist, *PAPER_SLS)
+    sls_mms._sls_bwd(one, logits, feats, text.float(), labels, dist, logits, lse, target_sum,
+                     *PAPER_SLS, True, True)
+
+
+def _op_runs(dtype, arch):
+    """(case name, callable running forward and backward on meta tensors, is the default)."""
+    import torch
+
+    from . import attention
+
     runs = []
     for name, (b, h, n, d) in ATTENTION_SHAPES.items():
-        def attn(b=b, h=h, n=n, d=d):
-            qkv = torch.empty(b, n, 3, h, d, requires_grad=True, **meta)
-            q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
-            out, dv, rows = attention._DualAttention.apply(q, k, v, 1, d ** -0.5, True)
-            torch.autograd.backward([out, dv, rows], [torch.empty_like(out), torch.empty_like(dv),
-                                                      torch.empty_like(rows)])
-        cost = roofline.fwd_bwd(roofline.attention, b, h, n, d, itemsize)
-        runs.append((f"attention {name}", attn, cost))
-    sb, p, e, n_layers, h = (LOSS_SHAPE[key] for key in ("B", "P", "E", "L", "H"))
+        for d_rows in (True, False):
+            runs.append((f"attention {name}" + ("" if d_rows else " no d(rows)"),
+                         lambda b=b, h=h, n=n, d=d, d_rows=d_rows: _attention_run(
+                             b, h, n, d, dtype, d_rows=d_rows), True))
+        with _target(arch):
+            candidates = attention.autotune_candidates(d, dtype, torch.device("meta"))
+        for i, (fwd, bwd) in enumerate(zip(candidates["fwd"], candidates["bwd"])):
+            runs.append((f"attention {name} autotune #{i}",
+                         lambda b=b, h=h, n=n, d=d, fwd=fwd, bwd=bwd: _attention_run(
+                             b, h, n, d, dtype, fwd, bwd), False))
     for k in CLASS_COUNTS:
-        def losses(k=k):
-            tokens = torch.empty(sb, p, e, requires_grad=True, **meta)
-            tokens_dv = torch.empty(sb, p, e, requires_grad=True, **meta)
-            text = torch.empty(k, e, **meta)
-            labels = torch.empty(sb, dtype=torch.int64, device="meta")
-            g = _TokenTextTarget.apply(tokens_dv, text, labels, 1.0)
-            cls = torch.empty(n_layers, sb, h, p + 1, device="meta", requires_grad=True)
-            loss = aal_kl._AALKL.apply(cls, g)
-            loss = loss + similarity_align._SimilarityAlign.apply(tokens, tokens_dv, text)
-            dist = torch.empty(k, k, device="meta")
-            loss = loss + sls_mms._SLSMMS.apply(tokens[:, 0], text, labels, dist, 0.3, 100.0,
-                                                0.9)[0]
-            loss.backward()
-        cost = (roofline.fwd_bwd(roofline.token_text_target, sb, p, e, itemsize)
-                + roofline.fwd_bwd(roofline.aal_kl, n_layers, sb, h, p + 1)
-                + roofline.fwd_bwd(roofline.similarity_align, sb, p, e, k, itemsize)
-                + roofline.fwd_bwd(roofline.sls_mms, sb, e, k, itemsize))
-        runs.append((f"losses K={k}", losses, cost))
+        runs.append((f"losses K={k}", lambda k=k: _loss_run(k, dtype), True))
     return runs
+
+
+def _target(arch):
+    from ._runtime import target_arch
+
+    return target_arch(ARCHS[arch])
 
 
 def _specialise(fn, args, kwargs):
@@ -136,8 +178,7 @@ def _specialise(fn, args, kwargs):
 
 def _config_label(fn, kwargs, signature):
     blocks = " ".join(f"{key}={val}" for key, val in kwargs.items()
-                      if key.startswith("BLOCK") or key in ("WRITE_DV", "HAS_DROW", "HAS_DDV",
-                                                            "TEXT_GRAD", "CD_GRAD", "TARGET_GRAD"))
+                      if key.startswith(("BLOCK", "TAIL", "E_PAD")) or key in FLAGS)
     dtypes = sorted({ty[1:] for ty in signature.values() if ty.startswith("*")} - {"i64", "i32"})
     return (f"{blocks} warps={kwargs.get('num_warps', 4)} stages={kwargs.get('num_stages', 3)} "
             f"ptr={'/'.join(dtypes)}")
@@ -183,7 +224,7 @@ def _compile_row(launch, arch):
     signature, constexprs, attrs = _specialise(launch.fn, launch.args, launch.kwargs)
     options = {key: launch.kwargs[key] for key in ("num_warps", "num_stages") if key in launch.kwargs}
     row = dict(kernel=launch.kernel, config=_config_label(launch.fn, launch.kwargs, signature),
-               arch=arch, default=True, cases=launch.cases, registers=None, spill_bytes=None,
+               arch=arch, default=launch.default, cases=launch.cases, registers=None, spill_bytes=None,
                shared_bytes=None, warps_per_sm=None, wgmma=None, error=None)
     try:
         compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
@@ -203,42 +244,39 @@ def _compile_row(launch, arch):
 
 
 def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progress=None):
-    """Report rows (one per distinct kernel launch × arch) and roofline rows (one per case)."""
+    """Report rows, one per distinct kernel launch × arch (`default`: the static configuration
+    picks it; otherwise it is an autotune candidate only)."""
     import torch
 
-    from ._runtime import target_arch
-
-    rows, roofline_rows = [], []
+    rows = []
     for arch in archs:
         launches = {}
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            for case, run, cost in _op_runs(dtype):
-                with target_arch(ARCHS[arch]):
+            for case, run, default in _op_runs(dtype, arch):
+                with _target(arch):
                     recorded = _record_launches(run)
-                if arch == archs[0]:
-                    roofline_rows.append(dict(case=case, dtype=dtype_name, **cost.as_dict()))
                 for fn, args, kwargs in recorded:
                     sig = _specialise(fn, args, kwargs)
                     key = (fn.__name__, repr(sig), repr(sorted(kwargs.items(), key=str)))
                     if key not in launches:
                         launches[key] = Launch(fn.__name__, fn, args, kwargs)
+                    launch = launches[key]
+                    launch.default = launch.default or default
                     label = f"{case} {dtype_name}"
-                    if label not in launches[key].cases:
-                        launches[key].cases.append(label)
+                    if label not in launch.cases:
+                        launch.cases.append(label)
         for launch in launches.values():
             row = _compile_row(launch, arch)
             if progress:
                 progress(row)
             rows.append(row)
-    return rows, roofline_rows
+    return rows
 
 
 def failures(rows):
     bad = []
     for row in rows:
-        if not row["default"]:
-            continue
         if row["error"]:
             bad.append(f"{row['kernel']} [{row['config']}] on {row['arch']}: {row['error']}")
         elif row["spill_bytes"]:
@@ -253,11 +291,12 @@ def _format_row(row):
         return f"{row['kernel']:<30} {row['arch']:<7} FAILED {row['error']}"
     wgmma = "-" if row["wgmma"] is None else ("yes" if row["wgmma"] else "no")
     return (f"{row['kernel']:<30} {row['arch']:<7} {row['registers']:>4} {row['spill_bytes']:>6} "
-            f"{row['shared_bytes']:>7} {row['warps_per_sm']:>5} {wgmma:>5}  {row['config']}")
+            f"{row['shared_bytes']:>7} {row['warps_per_sm']:>5} {wgmma:>5}  {row['config']}"
+            + ("" if row["default"] else "  (autotune candidate)"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m alignclip_kernels.inspect", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m alignclip_kernels.ptxas_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: both")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], action="append",
@@ -265,16 +304,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = dict(os.environ, TRITON_INTERPRET="0")
-        return subprocess.call([sys.executable, "-m", "alignclip_kernels.inspect", *sys.argv[1:]], env=env)
+        return subprocess.call([sys.executable, "-m", "alignclip_kernels.ptxas_report", *sys.argv[1:]], env=env)
     print(f"{'kernel':<30} {'arch':<7} {'regs':>4} {'spill':>6} {'smem':>7} {'w/SM':>5} {'wgmma':>5}  config")
-    rows, roof = collect(tuple(args.arch or ARCHS), tuple(args.dtype or ("float32", "float16", "bfloat16")),
-                         progress=lambda row: print(_format_row(row), flush=True))
-    print(f"\nroofline lower bound, forward + backward on an H200 (4.3 TB/s, 790 TFLOP/s):")
-    for r in roof:
-        print(f"  {r['case']:<22} {r['dtype']:<9} {r['bytes'] / 1e6:9.1f} MB {r['flops'] / 1e9:9.2f} GFLOP "
-              f"{r['bound_us']:8.1f} us")
+    rows = collect(tuple(args.arch or ARCHS), tuple(args.dtype or ("float32", "float16", "bfloat16")),
+                   progress=lambda row: print(_format_row(row), flush=True))
     ok = [r for r in rows if not r["error"]]
-    print(f"\n{len(rows)} kernel configurations compiled, "
+    print(f"\n{len(rows)} kernel configurations compiled "
+          f"({sum(1 for r in rows if not r['default'])} of them autotune candidates only), "
           f"{sum(1 for r in ok if r['spill_bytes'])} spilling, "
           f"lowest warps/SM {min((r['warps_per_sm'] for r in ok), default=0)}")
     if args.json:

@@ -1,0 +1,127 @@
+"""A run folder a cluster can trust: one run per folder, resumable exactly, stoppable by a signal.
+
+    OUTPUT_DIR/config.yaml          the resolved configuration (what `python -m alignclip config` prints)
+    OUTPUT_DIR/metrics.jsonl        one row per logged step
+    OUTPUT_DIR/checkpoints/last.pt  model, BMA, optimizer, schedule, step, RNG, config, text features
+    OUTPUT_DIR/checkpoints/best.pt  the image tower at the best epoch (source-domain validation)
+    OUTPUT_DIR/summary.json         accuracies of the last, BMA and best models
+    OUTPUT_DIR/attention.png        CLS attention and its target before and after training
+"""
+import json
+import os
+import shutil
+import signal
+import sys
+
+from .checkpoint import RunError
+from .config import run_changing_differences
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "attention.png",
+             "checkpoints", "tensorboard")
+
+
+class RunFolder:
+    def __init__(self, path):
+        self.path = path
+        self.checkpoints = os.path.join(path, "checkpoints")
+        self.last = os.path.join(self.checkpoints, "last.pt")
+        self.best = os.path.join(self.checkpoints, "best.pt")
+        self.before = os.path.join(self.checkpoints, "attention_before.pt")
+        self.metrics = os.path.join(path, "metrics.jsonl")
+        self.summary = os.path.join(path, "summary.json")
+        self.config = os.path.join(path, "config.yaml")
+
+    def holds_run(self):
+        return any(os.path.exists(os.path.join(self.path, f)) for f in RUN_FILES)
+
+    def prepare(self, cfg, resume, overwrite):
+        """Check the folder before any work: a new run never mixes with an old one."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunError(f"output_dir {self.path} is a file, not a folder")
+        if self.holds_run() and not (resume or overwrite):
+            raise RunError(f"output_dir {self.path} already holds a run; pass --resume to continue it "
+                           "or --overwrite to replace it")
+        if overwrite:
+            for name in RUN_FILES:
+                target = os.path.join(self.path, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                elif os.path.exists(target):
+                    os.remove(target)
+        try:
+            os.makedirs(self.checkpoints, exist_ok=True)
+            probe = os.path.join(self.path, ".write-test")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as exc:
+            raise RunError(f"output_dir {self.path} is not writable: {exc.strerror}") from None
+        for name in os.listdir(self.checkpoints):   # left by a process killed while writing
+            if ".tmp-" in name:
+                os.remove(os.path.join(self.checkpoints, name))
+        if not os.path.exists(self.config):
+            with open(self.config, "w") as f:
+                f.write(cfg.to_yaml())
+
+    def check_resumable(self, saved_config, cfg):
+        """Refuse to resume a run under a configuration that would change what it computes."""
+        changed = run_changing_differences(saved_config, cfg)
+        if changed:
+            raise RunError(f"cannot resume {self.path}: the configuration differs from the saved run's "
+                           f"in {', '.join(changed)}")
+
+    def truncate_metrics(self, step):
+        """Drop logged rows after `step` (they came after the checkpoint a resume starts from)."""
+        if not os.path.exists(self.metrics):
+            return
+        with open(self.metrics) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.metrics, "w") as f:
+            f.writelines(rows)
+
+    def log(self, row):
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_json(self, path, data):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+
+
+class Stopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the run after a checkpoint at `step`."""
+
+    def __init__(self, signum, step, path):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) only set a flag, read between steps."""
+
+    def __init__(self):
+        self.received = None
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __enter__(self):
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: leave the handlers alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def resume_command(config_path, output_dir):
+    config = f" --config {config_path}" if config_path else ""
+    return f"{sys.executable} -m alignclip train{config} --output-dir {output_dir} --resume"

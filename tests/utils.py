@@ -1,0 +1,118 @@
+"""Shared test helpers: the op/oracle comparison, tolerances, a launch counter, input makers."""
+import torch
+import torch.nn.functional as F
+
+# Tolerances, normwise: max|ours − ref| ≤ atol + rtol · max|ref|, ref in float64.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-5, atol=1e-7),
+    torch.float16: dict(rtol=2e-2, atol=1e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=1e-2),
+}
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def unit(k, e, seed):
+    """k L2-normalised rows of width e (class text features)."""
+    return F.normalize(torch.randn(k, e, generator=gen(seed)), dim=-1)
+
+
+def cls_rows(n_layers, b, h, n, seed):
+    """CLS softmax rows [L, B, H, N] of L layers."""
+    return torch.softmax(3 * torch.randn(n_layers, b, h, n, generator=gen(seed)), -1)
+
+
+def packed(b, n, h, d, seed=0):
+    """One packed QKV projection output [B, N, 3, H, D] and a function making its q/k/v views."""
+    qkv = torch.randn(b, n, 3, h, d, generator=gen(seed))
+
+    def views(leaves):
+        return [leaves[0][:, :, i].permute(0, 2, 1, 3) for i in range(3)]
+
+    return [qkv], views
+
+
+def separate(b, h, n, d, seed=0):
+    g = gen(seed)
+    return [torch.randn(b, h, n, d, generator=g) for _ in range(3)]
+
+
+def _as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def assert_close(name, actual, expected, rtol, atol):
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{name}: finiteness differs"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    bound = atol + rtol * (expected.abs().max().item() if expected.numel() else 0.0)
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e} (rtol={rtol}, atol={atol})"
+
+
+def check_op(op, ref, floats, *, others=(), kwargs=None, dtype=torch.float32, seed=0,
+             make_leaves=None, tolerance=None):
+    """Compare `op(*floats, *others, **kwargs)` with `ref` run in float64 on the same values.
+
+    Checks every output that is not None, then the gradients of every tensor in `floats` under
+    random upstream gradients. `make_leaves(leaves)` may map the leaf tensors to the op's
+    arguments (e.g. strided q/k/v views of one packed buffer). Returns the op's outputs.
+    """
+    kwargs = kwargs or {}
+    tol = tolerance or TOLERANCES[dtype]
+    g = gen(seed)
+    leaves = [x.detach().to(dtype).requires_grad_() for x in floats]
+    ref_leaves = [x.detach().to(dtype).double().requires_grad_() for x in floats]
+    args = make_leaves(leaves) if make_leaves else leaves
+    ref_args = make_leaves(ref_leaves) if make_leaves else ref_leaves
+    outs = _as_tuple(op(*args, *others, **kwargs))
+    ref_outs = _as_tuple(ref(*ref_args, *others, **kwargs))
+    assert len(outs) == len(ref_outs)
+    pairs = [(i, o, r) for i, (o, r) in enumerate(zip(outs, ref_outs)) if r is not None]
+    for i, o, r in pairs:
+        assert o is not None, f"output {i} is None but the reference returns a tensor"
+        assert_close(f"output {i}", o, r, **tol)
+    grads_up = [torch.randn(r.shape, generator=g, dtype=torch.float64).to(r.device) for _, _, r in pairs]
+    diff = [(o, gu.to(o.dtype)) for (_, o, _), gu in zip(pairs, grads_up) if o.requires_grad]
+    if diff:
+        got = torch.autograd.grad([o for o, _ in diff], leaves, [gu for _, gu in diff],
+                                  allow_unused=True)
+        want = torch.autograd.grad([r for _, _, r in pairs if r.requires_grad], ref_leaves,
+                                   [gu for (_, o, r), gu in zip(pairs, grads_up) if r.requires_grad],
+                                   allow_unused=True)
+        for i, (gi, wi) in enumerate(zip(got, want)):
+            if wi is None:
+                continue
+            assert gi is not None, f"gradient of input {i} is missing"
+            assert_close(f"grad of input {i}", gi, wi, **tol)
+    return outs
+
+
+class LaunchCounter:
+    """Counts Triton kernel launches (by kernel name) while the interpreter runs them."""
+
+    def __init__(self):
+        self.names = []
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        self._cls = interpreter.GridExecutor
+        self._orig = self._cls.__call__
+        names = self.names
+
+        def counted(executor, *args, **kw):
+            names.append(executor.fn.__name__)
+            return self._orig(executor, *args, **kw)
+
+        self._cls.__call__ = counted
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__call__ = self._orig
+        return False
+
+    def __len__(self):
+        return len(self.names)
