@@ -1,4 +1,4 @@
-r"""Beta moving average of model weights (CLIPood; SPEC.md section 6).
+r"""Beta moving average of model weights (CLIPood; docs/contract.md section 6).
 
 Weights w_t = Beta(β, β).pdf((t + 0.5) / (T + 1)) for t = 0..T. The average starts at θ_0 with
 weight w_0; after optimizer step t, with r = w_t / Σ_{k<t} w_k:

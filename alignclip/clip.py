@@ -83,15 +83,24 @@ def check_model(model_cfg):
     return tag_cfg
 
 
+def quick_gelu(model_cfg):
+    """Whether the run's pretrained tag was trained with QuickGELU (read from open_clip's tag
+    metadata: no download)."""
+    tag = model_cfg.pretrained
+    if not tag or os.path.isfile(tag):
+        return False
+    return bool(get_pretrained_cfg(model_cfg.arch, tag).get("quick_gelu", False))
+
+
 def build_clip(model_cfg, device):
     """(CLIP with only its image tower trainable, tokenizer).
 
     OpenAI's weights were trained with QuickGELU; open_clip builds e.g. ViT-B-16 with GELU and
     only warns on the mismatch, so the activation is taken from the pretrained tag itself.
     """
-    tag_cfg = check_model(model_cfg)
+    check_model(model_cfg)
     clip = open_clip.create_model(model_cfg.arch, pretrained=model_cfg.pretrained, device=device,
-                                  force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+                                  force_quick_gelu=quick_gelu(model_cfg))
     clip.eval().requires_grad_(False)
     clip.visual.requires_grad_(True)
     return clip, open_clip.get_tokenizer(model_cfg.arch)
@@ -101,9 +110,8 @@ def build_architecture(model_cfg, device="cpu"):
     """The same CLIP without any weights loaded (a checkpoint supplies them): the activation
     still follows the pretrained tag's metadata, which needs no download."""
     register_model_configs()
-    tag = model_cfg.pretrained
-    quick = bool(get_pretrained_cfg(model_cfg.arch, tag).get("quick_gelu", False)) if tag and not os.path.isfile(tag) else False
-    return open_clip.create_model(model_cfg.arch, pretrained=None, device=device, force_quick_gelu=quick)
+    return open_clip.create_model(model_cfg.arch, pretrained=None, device=device,
+                                  force_quick_gelu=quick_gelu(model_cfg))
 
 
 def logit_scale(clip):

@@ -15,8 +15,7 @@ from typing import Dict, List, Optional, Union, get_args, get_origin, get_type_h
 
 import yaml
 
-from alignclip_kernels.paper import (ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, SMOOTHING,
-                                     TEMPERATURE)
+from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
 
 TASKS = ("domain_shift", "open_class", "in_the_wild")
 TRANSFORMS = ("auto", "domainbed", "coop")

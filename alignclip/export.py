@@ -11,7 +11,7 @@ import os
 import open_clip
 
 from .checkpoint import RunError, load, load_weights, save_atomic
-from .clip import build_architecture, build_clip, register_model_configs
+from .clip import build_architecture, build_clip, quick_gelu, register_model_configs
 from .config import from_dict
 
 WEIGHTS = ("last", "bma", "best")
@@ -20,12 +20,8 @@ WEIGHTS = ("last", "bma", "best")
 def loadable_arch(model_cfg):
     """The open_clip model name that rebuilds the run's activation (a -quickgelu twin for
     OpenAI's weights, whose tag is not part of a plain checkpoint file)."""
-    from open_clip.pretrained import get_pretrained_cfg
-
-    tag = model_cfg.pretrained
-    quick = bool(tag) and not os.path.isfile(tag) and get_pretrained_cfg(model_cfg.arch, tag).get("quick_gelu", False)
     twin = f"{model_cfg.arch}-quickgelu"
-    return twin if quick and twin in open_clip.list_models() else model_cfg.arch
+    return twin if quick_gelu(model_cfg) and twin in open_clip.list_models() else model_cfg.arch
 
 
 def export(checkpoint, weights, out):

@@ -10,8 +10,7 @@ from typing import NamedTuple
 import torch
 
 import alignclip_kernels
-from alignclip_kernels.paper import (ALIGN_WEIGHT, LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA,
-                                     SMOOTHING, TEMPERATURE)
+from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
 
 
 class LossTerms(NamedTuple):

@@ -76,6 +76,17 @@ def _linear_qkv(weight, bias):
     return lambda h: F.linear(h, weight, bias)
 
 
+def _concatenated_qkv(attn):
+    """Separate q/k/v projections (transformers' CLIP) as one GEMM over their concatenated
+    weights: a [3C, C] copy per call, small next to the activations, and q, k, v stay views of
+    one packed buffer (zero-copy D-V branch, one packed gradient)."""
+    def qkv(h):
+        weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        return F.linear(h, weight, bias)
+    return qkv
+
+
 class OpenCLIPTower(Tower):
     kind = "open_clip"
 
@@ -180,14 +191,11 @@ class HFCLIPTower(Tower):
         self.core = core
         self.projection = getattr(model, "visual_projection", None)
         self.blocks = []
-        for i, layer in enumerate(core.encoder.layers):
+        for layer in core.encoder.layers:
             attn = layer.self_attn
-            weight = lambda a=attn: torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # noqa: E731
-            bias = lambda a=attn: torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])  # noqa: E731
             self.blocks.append(BlockParts(
-                layer.layer_norm1, lambda h, w=weight, bb=bias: F.linear(h, w(), bb()), None, None,
-                attn.num_heads, attn.scale, attn.out_proj, nn.Identity(), layer.layer_norm2,
-                layer.mlp, nn.Identity()))
+                layer.layer_norm1, _concatenated_qkv(attn), None, None, attn.num_heads, attn.scale,
+                attn.out_proj, nn.Identity(), layer.layer_norm2, layer.mlp, nn.Identity()))
 
     def embed(self, images):
         return self.core.pre_layrnorm(self.core.embeddings(images))

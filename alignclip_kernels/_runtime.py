@@ -114,6 +114,27 @@ def backend(device=None) -> str:
     return "triton" if device.type == "cuda" else "torch"
 
 
+@functools.lru_cache(maxsize=None)
+def interpreter_problem():
+    """Why this Triton's interpreter cannot run the kernels, or None.
+
+    Before 3.7 the interpreter turns a loop bound into an index with int() of a one-element
+    array, which NumPy 2.x refuses: every kernel with a loop then fails inside the interpreter.
+    """
+    import numpy as np
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7):
+        return None
+    try:
+        int(np.array([1]))
+    except TypeError:
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with NumPy "
+                f"{np.__version__} (it converts loop bounds with int() of an array); use Triton >= 3.7 "
+                f"for TRITON_INTERPRET=1, or unset it for the PyTorch path")
+    return None
+
+
 def runs_triton(tensor: torch.Tensor) -> bool:
     """Whether an op on `tensor` runs its Triton kernels.
 
@@ -124,7 +145,23 @@ def runs_triton(tensor: torch.Tensor) -> bool:
     path = backend(tensor.device)
     if path == "torch" or tensor.dtype == torch.float64:
         return False
-    return not (path == "triton-interpreter" and tensor.dtype == torch.bfloat16)
+    if path == "triton-interpreter":
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"alignclip_kernels: {problem}")
+        return tensor.dtype != torch.bfloat16
+    return True
+
+
+def loss_pytorch_path(oracle, first, *args, **kwargs):
+    """A loss's PyTorch path: the oracle in the inputs' own dtypes, as the kernels compute it.
+
+    The Triton losses are custom ops, which autocast leaves alone; without this, autocast would
+    run the oracle's matmuls in bf16 (the SLS logits are scaled by 100) and the two paths would
+    differ.
+    """
+    with torch.autocast(first.device.type, enabled=False):
+        return oracle(first, *args, **kwargs)
 
 
 def next_pow2(n: int) -> int:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
 from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
 from .paper import TEMPERATURE
 from .token_text_target import _check as _check_target
@@ -57,8 +57,10 @@ def aal_config(n_heads, e, device):
     if cuda_arch(device) is None:
         return LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_H=block_h,
                                BLOCK_E=min(32, next_pow2(e)))
+    # 32 x 64 token tiles: spill-free under both Triton 3.6's and 3.8's ptxas for every dtype on
+    # both architectures; of the 4-warp tiles 16..64 x 32..128 only 32 x 128 is too (ptxas report).
     return LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=32, BLOCK_H=block_h,
-                           BLOCK_E=min(128, next_pow2(e)))
+                           BLOCK_E=min(64, next_pow2(e)))
 
 
 def _stats_width(n_layers):
@@ -139,13 +141,12 @@ if HAS_TRITON:
             inv_nt, _ = text_inv_norm(Text_row, stride_xe, E, eps, BLOCK_E)
         m_z = float("-inf")
         l_z = 0.0
-        totals = tl.zeros([BLOCK_L], tl.float32)
-        for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = offs_p < P
-                if FROM_TOKENS:
+        if FROM_TOKENS:
+            for i in range(0, blocks_per_program):
+                block = split * blocks_per_program + i
+                if block < n_blocks:
+                    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                    p_mask = offs_p < P
                     c, nu = row_cosines(Tok + b * stride_tb, stride_tp, stride_te, Text_row,
                                         stride_xe, offs_p, p_mask, E, inv_nt, eps, BLOCK_P, BLOCK_E)
                     z = tl.where(p_mask, c * inv_temp, float("-inf"))
@@ -155,16 +156,24 @@ if HAS_TRITON:
                     m_new = tl.maximum(m_z, tl.max(z, axis=0))
                     l_z = l_z * tl.exp(m_z - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
                     m_z = m_new
-                for layer in range(0, L):
-                    m = head_mean(Attn + layer * stride_al + b * stride_ab, stride_ah, stride_an,
-                                  offs_p, p_mask, H, BLOCK_H)
-                    tl.store(Mean + layer * P + offs_p, m, mask=p_mask)
-                    totals += tl.where(offs_l == layer, tl.sum(m, axis=0), 0.0)
         width = 2 + L
         part = Partial + (b * n_splits + split) * width
         tl.store(part, m_z)
         tl.store(part + 1, l_z)
-        tl.store(part + 2 + offs_l, totals, mask=offs_l < L)
+        # Layer-outer, with a scalar total per layer: a [BLOCK_L] vector updated inside the
+        # block loop made ptxas 12.9 spill at the default tiles (ptxas report).
+        for layer in range(0, L):
+            total = 0.0
+            for i in range(0, blocks_per_program):
+                block = split * blocks_per_program + i
+                if block < n_blocks:
+                    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                    p_mask = offs_p < P
+                    m = head_mean(Attn + layer * stride_al + b * stride_ab, stride_ah, stride_an,
+                                  offs_p, p_mask, H, BLOCK_H)
+                    tl.store(Mean + layer * P + offs_p, m, mask=p_mask)
+                    total += tl.sum(m, axis=0)
+            tl.store(part + 2 + layer, total)
         if SPLIT:
             last = last_to_arrive(Tickets, b, n_splits)
         else:
@@ -480,7 +489,7 @@ def aal_kl_loss(cls_attn, target):
     """AAL: `F.kl_div(A.log(), target, reduction="batchmean")` with A from the CLS attention rows."""
     _check_kl(cls_attn, target)
     if not runs_triton(cls_attn) or not runs_triton(target):
-        return reference.aal_kl_loss(cls_attn, target)
+        return loss_pytorch_path(reference.aal_kl_loss, cls_attn, target)
     return _aal_kl_op(cls_attn, target)[0]
 
 
@@ -495,5 +504,6 @@ def aal_loss(cls_attn, tokens, text, labels, *, temperature=TEMPERATURE):
         raise ValueError(f"tokens must have shape [B, N-1, E] with [B, N-1]=[{b}, {n - 1}] to match "
                          f"cls_attn [L, B, H, N]={tuple(cls_attn.shape)}, got {tuple(tokens.shape)}")
     if not runs_triton(cls_attn) or not runs_triton(tokens):
-        return reference.aal_loss(cls_attn, tokens, text, labels, temperature=temperature)
+        return loss_pytorch_path(reference.aal_loss, cls_attn, tokens, text, labels,
+                                 temperature=temperature)
     return _aal_op(cls_attn, tokens, text, labels, temperature)[0]

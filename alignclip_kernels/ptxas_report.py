@@ -6,22 +6,23 @@ on meta tensors with the dispatcher told to target sm_90 or sm_80, once with its
 configuration and once per autotune candidate (the attention kernels); each kernel launch it
 would make is recorded instead of run. Each distinct launch (kernel, constexprs, warps, stages and
 Triton's own argument specialisation) is compiled with `triton.compile` for
-GPUTarget("cuda", 90|80, 32), and the ptxas bundled with triton (`-v`, sm_90a / sm_80) reports
-registers and spills. Shared memory is Triton's dynamic allocation plus ptxas's static count.
-Resident warps per SM follow from registers, shared memory and warps against the chip's limits.
-On sm_90a a row says whether its 16-bit `tl.dot`s lowered to `wgmma`.
+GPUTarget("cuda", 90|80, 32); the verbose log of the ptxas run Triton itself makes (its bundled
+ptxas with its own flags, sm_90a / sm_80) gives registers and spills. Shared memory is Triton's
+dynamic allocation plus ptxas's static count. Resident warps per SM follow from registers, shared
+memory and warps against the chip's limits. On sm_90a a row says whether its 16-bit `tl.dot`s lowered to `wgmma`.
 
 Exit status 1 when any configuration the dispatcher or the autotuner can pick spills, exceeds
-shared memory (227 KB sm_90, 163 KB sm_80) or fails to compile. Must run without TRITON_INTERPRET (it re-executes itself
-without it when set).
+shared memory (227 KB sm_90, 163 KB sm_80) or fails to compile. Must run without
+TRITON_INTERPRET (it re-executes itself without it when set).
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA
@@ -184,24 +185,32 @@ def _config_label(fn, kwargs, signature):
             f"ptr={'/'.join(dtypes)}")
 
 
-def _ptxas(ptx, gpu_name):
+def _compile_with_ptxas_log(source, arch, options):
+    """`triton.compile` for `arch`, with the log of the ptxas run Triton itself makes (its own
+    flags: ptxas 12.9 spills at low register counts without Triton 3.8's
+    `--regAllocOptLevel=2`), never served from Triton's cache."""
     import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", "--gpu-name", gpu_name, path, "-o",
-                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    if res.returncode != 0:
-        raise RuntimeError(text.strip())
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", ARCHS[arch] * 10, 32), options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return compiled, log.getvalue()
 
+
+def _ptxas_stats(log):
     def grab(pattern):
-        m = re.search(pattern, text)
+        m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
 
+    if "Used" not in log:
+        raise RuntimeError("Triton printed no ptxas log")
     return dict(registers=grab(r"Used (\d+) registers"),
                 spill_bytes=grab(r"(\d+) bytes spill stores") + grab(r"(\d+) bytes spill loads"),
                 static_smem=grab(r"(\d+) bytes smem"))
@@ -217,8 +226,6 @@ def warps_per_sm(registers, shared_bytes, num_warps, arch):
 
 
 def _compile_row(launch, arch):
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs = _specialise(launch.fn, launch.args, launch.kwargs)
@@ -227,10 +234,10 @@ def _compile_row(launch, arch):
                arch=arch, default=launch.default, cases=launch.cases, registers=None, spill_bytes=None,
                shared_bytes=None, warps_per_sm=None, wgmma=None, error=None)
     try:
-        compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", ARCHS[arch] * 10, 32), options=options)
+        compiled, log = _compile_with_ptxas_log(ASTSource(launch.fn, signature, constexprs, attrs), arch,
+                                                options)
         ptx = compiled.asm["ptx"]
-        stats = _ptxas(ptx, arch)
+        stats = _ptxas_stats(log)
     except Exception as exc:  # a failed compile is a finding, reported and fatal for defaults
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
@@ -296,7 +303,8 @@ def _format_row(row):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m alignclip_kernels.ptxas_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m alignclip_kernels.ptxas_report",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: both")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], action="append",

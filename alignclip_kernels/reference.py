@@ -1,11 +1,11 @@
-"""Plain PyTorch oracle for every op in SPEC.md sections 1-5.
+"""Plain PyTorch oracle for every op of docs/contract.md, sections 1-5.
 
 Written for clarity, not speed: full attention matrices and `[B, P, K]` similarity tensors are
 materialised. Tests run these in float64 and hold the Triton kernels and the PyTorch fallback
 to them, values and gradients. Statistics are computed in at least float32 whatever the input
 dtype; a float64 input stays float64 all the way through.
 
-Two choices where SPEC.md leaves the edge open (the fused kernels make the same ones):
+Two choices at the edges (the fused kernels make the same ones):
 - `aal_kl_loss`: a layer whose patch attention sums below float32 tiny (the CLS row put all its
   mass on the CLS key) is degenerate: its renormalised row is taken as 0, with zero gradient,
   rather than 0/0 (or a gradient of order 1/tiny that overflows fp32).

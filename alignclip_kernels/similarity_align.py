@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, dot_precision, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, dot_precision, loss_pytorch_path, next_pow2, runs_triton
 from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
 
 if HAS_TRITON:
@@ -61,8 +61,8 @@ def similarity_configs(e, dtype, device, text_grad=False):
     e_pad = next_pow2(e)
     if cuda_arch(device) is None:
         return (LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_K=16, BLOCK_E=32),
-                LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_K=16, BLOCK_E=32,
-                                ACC_E=min(32, e_pad)))
+                LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_K=16, BLOCK_E=64,
+                                ACC_E=min(64, e_pad)))
     wide = dtype == torch.float32
     fwd = LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=16, BLOCK_K=16 if wide else 32,
                           BLOCK_E=32)
@@ -498,5 +498,5 @@ def similarity_align_loss(tokens, tokens_dv, text):
     """KL(Q ‖ Pr) batchmean of the patch softmaxes of both paths' patch-to-class cosines."""
     _check(tokens, tokens_dv, text)
     if not runs_triton(tokens):
-        return reference.similarity_align_loss(tokens, tokens_dv, text)
+        return loss_pytorch_path(reference.similarity_align_loss, tokens, tokens_dv, text)
     return _sim_op(tokens, tokens_dv, text)[0]

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, next_pow2, runs_triton
-from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING
+from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
 from .kernel_utils import LaunchConfig, fills_gpu, placeholder, refuse_double_backward, split_blocks
+from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING
 
 if HAS_TRITON:
     import triton
@@ -54,7 +54,7 @@ def sls_config(b, k, e, device):
     """
     e_pad = next_pow2(e)
     interpreted = cuda_arch(device) is None
-    choices = (4, 8, 16) if interpreted else (4, 8, 16, 32)
+    choices = (4, 8, 16, 32)
     padded = lambda bk: -(-k // bk) * bk  # noqa: E731
     block_k = min(reversed(choices), key=padded)
     while block_k > choices[0] and not fills_gpu(b * -(-k // block_k), device) \
@@ -103,8 +103,8 @@ if HAS_TRITON:
         e_mask = offs_e < E
         x, _, _, _ = margin_features(F_, Text, b, y, offs_e, e_mask, stride_fb, stride_fe, stride_tk,
                                      stride_te, alpha, eps)
-        m = float("-inf")
-        l = 0.0
+        m_z = float("-inf")
+        l_z = 0.0
         tz = 0.0
         ts = 0.0
         for i in range(0, blocks_per_program):
@@ -119,32 +119,32 @@ if HAS_TRITON:
                 tl.store(Logits + b * K + offs_k, z, mask=k_mask)
                 target = soft_target(CD, y, offs_k, k_mask, stride_ck, stride_cc, epsilon)
                 zm = tl.where(k_mask, z, float("-inf"))
-                m_new = tl.maximum(m, tl.max(zm, axis=0))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
-                m = m_new
+                m_new = tl.maximum(m_z, tl.max(zm, axis=0))
+                l_z = l_z * tl.exp(m_z - m_new) + tl.sum(tl.exp(zm - m_new), axis=0)
+                m_z = m_new
                 tz += tl.sum(tl.where(k_mask, target * z, 0.0), axis=0)
                 ts += tl.sum(target, axis=0)
         if SPLIT:
             part = Partial + (b * n_splits + split) * 4
-            tl.store(part, m)
-            tl.store(part + 1, l)
+            tl.store(part, m_z)
+            tl.store(part + 1, l_z)
             tl.store(part + 2, tz)
             tl.store(part + 3, ts)
             if last_to_arrive(Tickets, b, n_splits):
                 parts = Partial + b * n_splits * 4
-                m, l = combine_logsumexp(parts, n_splits, 4)
+                m_z, l_z = combine_logsumexp(parts, n_splits, 4)
                 offs_s = tl.arange(0, 16)
                 s_mask = offs_s < n_splits
                 tz = tl.sum(tl.load(parts + offs_s * 4 + 2, mask=s_mask, other=0.0,
                                     cache_modifier=".cg"), axis=0)
                 ts = tl.sum(tl.load(parts + offs_s * 4 + 3, mask=s_mask, other=0.0,
                                     cache_modifier=".cg"), axis=0)
-                lse = m + tl.log(l)
+                lse = m_z + tl.log(l_z)
                 tl.store(Lse + b, lse)
                 tl.store(TargetSum + b, ts)
                 tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
         else:
-            lse = m + tl.log(l)
+            lse = m_z + tl.log(l_z)
             tl.store(Lse + b, lse)
             tl.store(TargetSum + b, ts)
             tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
@@ -344,8 +344,8 @@ def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=MARGIN_ALPHA
     alpha, logit_scale, epsilon = _check(image_features, text, labels, class_dist, alpha,
                                          logit_scale, epsilon)
     if not runs_triton(image_features):
-        return reference.sls_mms_loss(image_features, text, labels, class_dist, alpha=alpha,
-                                      logit_scale=logit_scale, epsilon=epsilon)
+        return loss_pytorch_path(reference.sls_mms_loss, image_features, text, labels, class_dist,
+                                 alpha=alpha, logit_scale=logit_scale, epsilon=epsilon)
     loss, logits, _, _ = _sls_op(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
     return loss, logits
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, next_pow2, runs_triton
+from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
 from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
 from .paper import TEMPERATURE
 
@@ -40,11 +40,13 @@ if HAS_TRITON:
 EPS = reference.NORM_EPS
 
 
-def target_config(e, device):
-    """BLOCK_P rows × BLOCK_E columns per tile: a [16, 256] fp32 tile is 32 registers a thread."""
+def target_config(e, dtype, device):
+    """BLOCK_P rows × BLOCK_E columns per tile: a [16, 256] fp32 tile is 32 registers a thread
+    (fp32 inputs take [16, 128]: the d(text) backward spills on Triton 3.6's ptxas otherwise)."""
     if cuda_arch(device) is None:
         return LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_P=16, BLOCK_E=min(32, next_pow2(e)))
-    return LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=16, BLOCK_E=min(256, next_pow2(e)))
+    wide = dtype == torch.float32
+    return LaunchConfig.of(num_warps=4, num_stages=2, BLOCK_P=16, BLOCK_E=min(128 if wide else 256, next_pow2(e)))
 
 
 if HAS_TRITON:
@@ -107,13 +109,13 @@ if HAS_TRITON:
                 tl.atomic_add(DText_row + offs_e, dt, mask=e_mask)
 
     @triton.jit
-    def normalize_rows(G, P, m, l, label_ok, BLOCK_P: tl.constexpr):
-        """G_n = exp(z_n − m) / l in place over an image's P entries (NaN for a bad label)."""
+    def normalize_rows(G, P, m_z, l_z, label_ok, BLOCK_P: tl.constexpr):
+        """G_n = exp(z_n − m_z) / l_z in place over an image's P entries (NaN for a bad label)."""
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_mask = offs_p < P
             z = tl.load(G + offs_p, mask=p_mask, other=0.0, cache_modifier=".cg")
-            g = tl.where(label_ok, tl.exp(z - m) / l, float("nan"))
+            g = tl.where(label_ok, tl.exp(z - m_z) / l_z, float("nan"))
             tl.store(G + offs_p, g, mask=p_mask)
 
     @triton.jit
@@ -132,8 +134,8 @@ if HAS_TRITON:
         Tok += b * stride_tb
         G += b * P
         RowStats += b * P * 2
-        m = float("-inf")
-        l = 0.0
+        m_z = float("-inf")
+        l_z = 0.0
         for i in range(0, blocks_per_program):
             block = split * blocks_per_program + i
             if block < n_blocks:
@@ -145,19 +147,19 @@ if HAS_TRITON:
                 tl.store(G + offs_p, z, mask=p_mask)
                 tl.store(RowStats + offs_p * 2, c, mask=p_mask)
                 tl.store(RowStats + offs_p * 2 + 1, nu, mask=p_mask)
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-                m = m_new
+                m_new = tl.maximum(m_z, tl.max(z, axis=0))
+                l_z = l_z * tl.exp(m_z - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m_z = m_new
         if SPLIT:
             n_splits = tl.num_programs(1)
-            tl.store(Partial + (b * n_splits + split) * 2, m)
-            tl.store(Partial + (b * n_splits + split) * 2 + 1, l)
+            tl.store(Partial + (b * n_splits + split) * 2, m_z)
+            tl.store(Partial + (b * n_splits + split) * 2 + 1, l_z)
             if last_to_arrive(Tickets, b, n_splits):
-                m, l = combine_logsumexp(Partial + b * n_splits * 2, n_splits, 2)
-                normalize_rows(G, P, m, l, label_ok, BLOCK_P)
+                m_z, l_z = combine_logsumexp(Partial + b * n_splits * 2, n_splits, 2)
+                normalize_rows(G, P, m_z, l_z, label_ok, BLOCK_P)
         else:
             tl.debug_barrier()
-            normalize_rows(G, P, m, l, label_ok, BLOCK_P)
+            normalize_rows(G, P, m_z, l_z, label_ok, BLOCK_P)
 
     @triton.jit
     def _target_bwd_kernel(
@@ -201,7 +203,7 @@ if HAS_TRITON:
 def _target_fwd(tokens, text, labels, temperature, config=None):
     """(G [B, P] fp32, row stats [B, P, 2] fp32: (c_n, ‖u_n‖) kept for the backward)."""
     b, p, e = tokens.shape
-    config = config or target_config(e, tokens.device)
+    config = config or target_config(e, tokens.dtype, tokens.device)
     n_blocks = triton.cdiv(p, config["BLOCK_P"])
     splits, per_program = split_blocks(b, n_blocks, tokens.device)
     g = torch.empty((b, p), dtype=torch.float32, device=tokens.device)
@@ -222,7 +224,7 @@ def _target_fwd(tokens, text, labels, temperature, config=None):
 def _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad, config=None):
     """(d tokens, d text fp32 or None)."""
     b, p, e = tokens.shape
-    config = config or target_config(e, tokens.device)
+    config = config or target_config(e, tokens.dtype, tokens.device)
     n_blocks = triton.cdiv(p, config["BLOCK_P"])
     splits, per_program = split_blocks(b, n_blocks, tokens.device)
     dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
@@ -301,5 +303,6 @@ def token_text_target(tokens, text, labels, *, temperature=TEMPERATURE):
     """G [B, P] fp32: softmax over patches of cos(tokens[b, n], text[labels[b]]) / temperature."""
     temperature = _check(tokens, text, labels, temperature)
     if not runs_triton(tokens):
-        return reference.token_text_target(tokens, text, labels, temperature=temperature)
+        return loss_pytorch_path(reference.token_text_target, tokens, text, labels,
+                                 temperature=temperature)
     return _target_op(tokens, text, labels, temperature)[0]

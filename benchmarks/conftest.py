@@ -1,10 +1,12 @@
-"""Benchmark harness: one `measure` that times a provider, records its roofline bytes/FLOPs,
-peak memory and (on CUDA) achieved TB/s and TFLOP/s in `extra_info`.
+"""Benchmark harness: `measure` times a provider (synchronised) and records its roofline bytes and
+FLOPs, peak memory and, on CUDA, kernel-only time from `triton.testing.do_bench` (and its
+CUDA-graph variant where the run can be captured) with achieved TB/s and TFLOP/s.
 
 Triton providers run only on CUDA; interpreted kernels are never timed. Without CUDA the
 PyTorch providers run at reduced shapes so that the suite finishes in minutes on 2 cores.
 """
 import os
+import sys
 
 os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: never time the interpreter
 
@@ -13,6 +15,7 @@ import torch  # noqa: E402
 
 import alignclip_kernels as ak  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
@@ -25,7 +28,7 @@ def sync():
 
 
 def needs_cuda(provider):
-    if provider in ("fused",) and not CUDA:
+    if provider.startswith(("fused", "alignclip-fused", "clip-finetune-packed")) and not CUDA:
         pytest.skip(NO_TRITON)
 
 
@@ -40,9 +43,22 @@ def peak_bytes(fn):
     return torch.cuda.max_memory_allocated() - base
 
 
+def kernel_times(fn):
+    """(do_bench ms, CUDA-graph do_bench ms or None) on CUDA."""
+    import triton
+
+    plain = triton.testing.do_bench(fn, warmup=25, rep=100)
+    try:
+        graph = triton.testing.do_bench_cudagraph(fn, rep=100)
+    except Exception:  # not capturable (host syncs, allocator): plain timing only
+        graph = None
+    return plain, graph
+
+
 def measure(benchmark, fn, *, group, provider, cost=None, rounds=None, **info):
-    """Time `fn` (synchronised) under `group`; `cost` is a roofline.Cost or None."""
+    """Time `fn` under `group`; `cost` is a roofline.Cost or None."""
     benchmark.group = group
+    fn()                     # first call: compiles and, on CUDA, autotunes (not timed)
     peak = peak_bytes(fn)
 
     def run():
@@ -51,11 +67,14 @@ def measure(benchmark, fn, *, group, provider, cost=None, rounds=None, **info):
 
     benchmark.pedantic(run, rounds=rounds or (25 if CUDA else 3), iterations=1,
                        warmup_rounds=3 if CUDA else 1)
-    median = benchmark.stats.stats.median
     extra = {"provider": provider, "device": DEVICE_NAME, "backend": ak.backend(DEVICE),
-             "peak_memory_bytes": peak, **info}
+             "peak_memory_bytes": peak, "torch": torch.__version__, **info}
+    if CUDA:
+        plain, graph = kernel_times(fn)
+        extra.update(kernel_ms=plain, graph_ms=graph)
     if cost is not None:
         extra.update(bytes=cost.bytes, flops=cost.flops, bound_s=cost.bound_s())
         if CUDA:
-            extra.update(tb_per_s=cost.bytes / median / 1e12, tflop_per_s=cost.flops / median / 1e12)
+            seconds = extra["kernel_ms"] / 1e3
+            extra.update(tb_per_s=cost.bytes / seconds / 1e12, tflop_per_s=cost.flops / seconds / 1e12)
     benchmark.extra_info.update(extra)

@@ -1,37 +1,60 @@
 #!/usr/bin/env bash
-# The one prepared script for a GPU (sized for an H200, at most about 8 minutes): versions,
-# the gpu-marked tests, the benchmarks as JSON, the static kernel report, and BENCHMARKS.md with
-# its plots. Writes five files under $OUT when set (else ./gpu_check_out): log.txt, bench.json,
-# inspect.json, BENCHMARKS.md, plots.tar.gz. Usable on any CUDA machine:
-#   bash benchmarks/gpu_check.sh
+# The one prepared script for a lent GPU (an H200), at most 8 minutes and 7 output files.
+#
+#   here, once, with a registry:   bash benchmarks/gpu_wheels.sh       (fills .whl/)
+#   there:                         bash benchmarks/gpu_check.sh        (carry .whl)
+#
+# It installs the carried wheels into a folder of its own with pip --no-index (it never
+# contacts a registry), puts that folder and the repository on PYTHONPATH and writes under $OUT
+# (default ./gpu_check_out): log.txt, versions.txt, gpu_tests.txt, bench.json, tiles.json,
+# BENCHMARKS.md, plots.tar.gz. Time budgets per step (seconds, adding up to 480):
+#   versions 10 + install 20 + gpu tests 170 + benchmarks 180 + tile sweep 60 + report 20 + slack 20
+# The kernels' first calls (compiles, and autotuning on CUDA) fall inside the gpu-test step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 LOG="$OUT/log.txt"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PIP_NO_INDEX=1
 status=0
-{
-  date -u
-  nvidia-smi || true
-  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
-} 2>&1 | tee "$LOG"
-if ! "$PY" -c "import alignclip_kernels, alignclip" 2>/dev/null; then
-  "$PY" -m pip install -q -e ".[dev]" 2>&1 | tail -3 | tee -a "$LOG"
+step() { echo "== $1 (budget $2 s) $(date -u +%H:%M:%S)" | tee -a "$LOG"; }
+
+step versions 10
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+} 2>&1 | tee "$OUT/versions.txt" >> "$LOG"
+
+step install 20
+SITE="$(mktemp -d)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  timeout 20 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+    2>&1 | tee -a "$LOG" || status=1
 fi
-echo "== gpu tests" | tee -a "$LOG"
-timeout 240 "$PY" -m pytest -q -m gpu tests/ 2>&1 | tee -a "$LOG" || status=1
-echo "== benchmarks" | tee -a "$LOG"
-timeout 240 "$PY" -m pytest benchmarks/ --benchmark-only -q --benchmark-json="$OUT/bench.json" \
-  2>&1 | tee -a "$LOG" || status=1
-echo "== static kernel report" | tee -a "$LOG"
-timeout 120 "$PY" -m alignclip_kernels.inspect --json "$OUT/inspect.json" 2>&1 | tail -25 | tee -a "$LOG" || status=1
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import alignclip_kernels, alignclip, open_clip" >> "$LOG" 2>&1; then
+  echo "cannot import the packages; carry the wheels of benchmarks/gpu_wheels.sh (.whl)" | tee -a "$LOG"
+  exit 1
+fi
+
+step "gpu tests" 170
+timeout 170 "$PY" -m pytest -q -m gpu tests/ -p no:cacheprovider -rs -n 0 > "$OUT/gpu_tests.txt" 2>&1 || status=1
+tail -5 "$OUT/gpu_tests.txt" | tee -a "$LOG"
+
+step benchmarks 180
+timeout 180 "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider -rs -n 0 \
+  --benchmark-json="$OUT/bench.json" 2>&1 | tail -20 | tee -a "$LOG" || status=1
+
+step "tile sweep and profile" 60
+timeout 60 "$PY" benchmarks/attention_tiles.py --out "$OUT/tiles.json" 2>&1 | tee -a "$LOG" || status=1
+
+step report 20
 if [ -f "$OUT/bench.json" ]; then
-  plots=$(mktemp -d)
-  "$PY" benchmarks/report.py "$OUT/bench.json" --inspect "$OUT/inspect.json" --out "$OUT/BENCHMARKS.md" \
-    --plots "$plots/plots" --command "bash benchmarks/gpu_check.sh" 2>&1 | tee -a "$LOG" || status=1
+  plots="$(mktemp -d)"
+  tiles=(); [ -f "$OUT/tiles.json" ] && tiles=(--tiles "$OUT/tiles.json")
+  timeout 20 "$PY" benchmarks/report.py "$OUT/bench.json" --work benchmarks/work.json "${tiles[@]}" \
+    --out "$OUT/BENCHMARKS.md" --plots "$plots/plots" --command "bash benchmarks/gpu_check.sh" 2>&1 | tee -a "$LOG" || status=1
   tar -czf "$OUT/plots.tar.gz" -C "$plots" plots && rm -rf "$plots"
 fi
-echo "gpu_check finished with status $status; results in $OUT" | tee -a "$LOG"
+echo "gpu_check finished with status $status at $(date -u +%H:%M:%S); results in $OUT" | tee -a "$LOG"
 exit $status

@@ -1,11 +1,14 @@
-"""Write BENCHMARKS.md (and a PNG bar chart per group) from a pytest-benchmark JSON file.
+"""Write BENCHMARKS.md (and a PNG bar chart per group) from the benchmark results.
 
-    python benchmarks/report.py RESULTS.json [--inspect INSPECT.json] [--out BENCHMARKS.md]
-                                [--plots benchmarks/plots] [--command "..."]
+    python benchmarks/report.py RESULTS.json [--work WORK.json] [--tiles TILES.json]
+        [--ptxas PTXAS.json] [--out BENCHMARKS.md] [--plots benchmarks/plots] [--command "..."]
 
-Per group: median time, speed-up over `reference` (or `alignclip-reference`), time relative to
-the floor (`sdpa` or `clip-finetune`), peak memory, achieved TB/s and TFLOP/s and the ratio to
-the H200 roofline bound where the run had a GPU. Only what the JSON holds is reported.
+Per group: median wall time, kernel-only time (do_bench, and its CUDA-graph variant) on CUDA,
+the speed-up over `reference`, the time relative to the group's floor, peak memory, achieved
+TB/s and TFLOP/s and the ratio to the H200 roofline bound. `--work` puts the work counter's
+model time beside each measured loss op; `--tiles` adds the tile sweep (fastest candidate beside
+the static default) and the fused attention's per-kernel profile; `--ptxas` the static report.
+Only what the files hold is reported.
 """
 import argparse
 import datetime
@@ -18,19 +21,22 @@ TARGETS = """## Targets (H200, bf16)
 
 | what | target |
 | --- | --- |
-| attention fwd+bwd (out + dv + CLS row), ViT-B/16 B=108 | ≤ 1.10× `sdpa` (flash, out only) and ≥ 4× faster than `reference` |
+| attention fwd+bwd (out + dv + CLS row), ViT-B/16 B=108 | ≤ 1.10× `sdpa-flash` (out only) and ≥ 4× faster than `reference` |
 | each loss op fwd+bwd at paper shapes | ≥ 5× faster than `reference`; similarity-align peak memory independent of K |
-| AlignCLIP train step, ViT-B/16 on 108 images | ≤ 1.05× `clip-finetune` (the D-V path's extra GEMMs are about 4.5% of the FLOPs: the floor), ≥ 1.8× faster than `alignclip-reference`, memory ≤ 0.8× `alignclip-reference` |
+| AlignCLIP train step, ViT-B/16 on 108 images | ≤ 1.05× `clip-finetune-packed` (the same CLIP step through our packed attention: the fair CLIPood baseline; the D-V path's extra GEMMs are about 4.5% of the FLOPs), ≥ 1.8× faster than `alignclip-reference`, memory ≤ 0.8× `alignclip-reference` |
 
 The roofline bounds come from `alignclip_kernels/roofline.py` (4.3 TB/s, 790 TFLOP/s).
-`dual-block-out-proj` compares the two out_proj arrangements of a dual block; the model uses
-the faster (`split` by default: two GEMMs, the second reading the strided dv view directly).
+SDPA providers compute `out` only (no D-V branch, no CLS row); `sdpa` reports the backend
+PyTorch picked, the `sdpa-*` rows pin one. `dual-block-out-proj` compares the two out_proj
+arrangements of a dual block; the model uses `split` by default.
 """
 BASELINES = ("reference", "alignclip-reference")
-FLOORS = ("sdpa", "clip-finetune")
+FLOORS = ("sdpa-flash", "sdpa", "clip-finetune-packed", "clip-finetune")
 
 
 def _fmt_time(seconds):
+    if seconds is None:
+        return ""
     if seconds >= 1:
         return f"{seconds:.3f} s"
     if seconds >= 1e-3:
@@ -46,102 +52,161 @@ def group_rows(results):
     groups = {}
     for bench in results["benchmarks"]:
         info = bench.get("extra_info", {})
-        row = {"provider": bench["name"], **info, "median": bench["stats"]["median"]}
+        row = {**info, "provider": info.get("provider", bench["name"]), "median": bench["stats"]["median"]}
         groups.setdefault(bench["group"] or bench["name"], []).append(row)
     return groups
 
 
-def _table(rows):
-    base = next((r["median"] for r in rows if r["provider"] in BASELINES), None)
-    floor = next((r["median"] for r in rows if r["provider"] in FLOORS), None)
-    head = "| provider | backend | median | × faster than reference | ÷ floor | peak MB | TB/s | TFLOP/s | ÷ roofline bound |"
-    lines = [head, "|" + " --- |" * 9]
+def _time(row):
+    """The time a comparison uses: kernel-only on CUDA, the wall median otherwise."""
+    return row["kernel_ms"] / 1e3 if row.get("kernel_ms") else row["median"]
+
+
+def _table(rows, model_us=None):
+    base = next((_time(r) for r in rows if r["provider"] in BASELINES), None)
+    floor = next((_time(r) for p in FLOORS for r in rows if r["provider"] == p), None)
+    cuda = any("kernel_ms" in r for r in rows)
+    head = (["provider", "backend", "median (wall)"] + (["kernel", "CUDA graph"] if cuda else [])
+            + ["× faster than reference", "÷ floor", "peak MB"]
+            + (["TB/s", "TFLOP/s", "÷ roofline bound"] if cuda else []) + (["work-model time"] if model_us else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["provider"], r.get("backend", ""), _fmt_time(r["median"]),
-                 f"{base / r['median']:.2f}×" if base else "",
-                 f"{r['median'] / floor:.3f}" if floor else "",
-                 f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r.get("peak_memory_bytes") is not None else "",
-                 f"{r['tb_per_s']:.2f}" if "tb_per_s" in r else "",
-                 f"{r['tflop_per_s']:.1f}" if "tflop_per_s" in r else "",
-                 f"{r['median'] / r['bound_s']:.2f}" if r.get("bound_s") and "tb_per_s" in r else ""]
+        t = _time(r)
+        cells = [r["provider"] + (f" ({r['sdpa_backend']})" if r.get("sdpa_backend") else ""),
+                 r.get("backend", ""), _fmt_time(r["median"])]
+        if cuda:
+            cells += [_fmt_time(r["kernel_ms"] / 1e3) if r.get("kernel_ms") else "",
+                      _fmt_time(r["graph_ms"] / 1e3) if r.get("graph_ms") else ""]
+        cells += [f"{base / t:.2f}×" if base else "", f"{t / floor:.3f}" if floor else "",
+                  f"{r['peak_memory_bytes'] / 2 ** 20:.0f}" if r.get("peak_memory_bytes") is not None else ""]
+        if cuda:
+            cells += [f"{r['tb_per_s']:.2f}" if "tb_per_s" in r else "",
+                      f"{r['tflop_per_s']:.1f}" if "tflop_per_s" in r else "",
+                      f"{t / r['bound_s']:.2f}" if r.get("bound_s") else ""]
+        if model_us:
+            cells.append(f"{model_us:.1f} µs (model)" if r["provider"] == "fused" else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _plot(group, rows, folder):
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(rows)))
-    ax.barh([r["provider"] for r in rows], [r["median"] * 1e3 for r in rows], color="#4c72b0")
+    fig = Figure(figsize=(6, 0.5 + 0.45 * len(rows)))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.barh([r["provider"] for r in rows], [_time(r) * 1e3 for r in rows], color="#4c72b0")
     ax.invert_yaxis()
-    ax.set_xlabel("median time (ms)")
+    ax.set_xlabel("time (ms)")
     ax.set_title(group, fontsize=10)
     fig.tight_layout()
     path = os.path.join(folder, f"{_slug(group)}.png")
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
-def inspect_section(rows):
+def work_model_times(work):
+    """{(op, K): model µs of forward + backward} from the work counter's bf16 results."""
+    names = {"token_text_target": "target", "aal_loss": "aal", "similarity_align": "similarity-align",
+             "sls_mms": "sls-mms"}
+    out = {}
+    for r in work.get("results", []):
+        if r["dtype"] == "bfloat16" and r["op"] in names and r["case"].startswith("K="):
+            out[(names[r["op"]], int(r["case"][2:]))] = sum(p["model_us"] for p in r["phases"].values())
+    return out
+
+
+def work_section(work):
+    from alignclip_kernels.work import format_table
+
+    return "\n".join(["## Work counted on the CPU (not timed)", "",
+                      f"`python -m alignclip_kernels.work --json FILE` ({work.get('arch', 'sm_90')} "
+                      "configurations, full batch). Executed vs necessary multiply-adds, unique vs "
+                      "compulsory bytes, programs in the grid, and a model H200 time "
+                      "(max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak)): counted, not measured.", "",
+                      format_table(work["results"]), ""])
+
+
+def tiles_section(tiles):
+    lines = ["## Attention tile sweep and per-kernel profile", "", f"Device: {tiles['device']}.", "",
+             "| shape | kernel | static default | fastest candidate | time (fastest) | ÷ default |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(r["shape"], r["kernel"]) for r in tiles["sweep"]})
+    for shape, kernel in keys:
+        rows = [r for r in tiles["sweep"] if r["shape"] == shape and r["kernel"] == kernel]
+        default = next(r for r in rows if r["default"])
+        best = min(rows, key=lambda r: r["ms"])
+        lines.append(f"| {shape} | {kernel} | {default['config']} ({default['ms'] * 1e3:.1f} µs) | "
+                     f"{best['config']} | {best['ms'] * 1e3:.1f} µs | {best['ms'] / default['ms']:.3f} |")
+    lines += ["", "Fused fwd+bwd at ViT-B/16 B=108 bf16, torch.profiler, per step:", "",
+              "| kernel | µs |", "| --- | --- |"]
+    lines += [f"| {p['kernel'][:80]} | {p['us_per_step']:.1f} |" for p in tiles["profile"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def ptxas_section(rows):
     ok = [r for r in rows if not r.get("error")]
     spilling = [r for r in ok if r["spill_bytes"]]
     lowest = min(ok, key=lambda r: r["warps_per_sm"]) if ok else None
     lines = ["## Static GPU report (ptxas, no GPU needed)", "",
-             f"`python -m alignclip_kernels.inspect`: {len(rows)} kernel configurations "
-             f"(kernels × dispatcher configurations × sm_90a/sm_80), {len(rows) - len(ok)} failed to "
-             f"compile, {len(spilling)} spill."]
+             f"`python -m alignclip_kernels.ptxas_report`: {len(rows)} kernel configurations "
+             f"({sum(1 for r in rows if not r.get('default', True))} autotune candidates only), "
+             f"{len(rows) - len(ok)} failed to compile, {len(spilling)} spill."]
     if lowest:
         lines.append(f"Lowest residency: {lowest['warps_per_sm']} warps/SM ({lowest['kernel']} on "
                      f"{lowest['arch']}, {lowest['registers']} registers, {lowest['config']}).")
-    wg = [r for r in ok if r["arch"] == "sm_90a" and r["wgmma"] is not None]
-    without = sorted({f"{r['kernel']} ({r['config'].split('ptr=')[-1]})" for r in wg if not r["wgmma"]})
-    lines.append(f"On sm_90a, {sum(1 for r in wg if r['wgmma'])} of {len(wg)} configurations with "
-                 f"tensor-core dots lower to wgmma; the others use mma.sync: {', '.join(without) or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
-def write_report(results, out, plots, command, inspect_rows=None):
+def write_report(results, out, plots, command, work=None, tiles=None, ptxas=None):
     os.makedirs(plots, exist_ok=True)
     groups = group_rows(results)
     when = results.get("datetime", datetime.datetime.now(datetime.timezone.utc).isoformat())
     devices = sorted({r.get("device", "?") for rows in groups.values() for r in rows})
-    parts = ["# Benchmarks", "", TARGETS,
-             "## Latest measured figures", "",
+    models = work_model_times(work) if work else {}
+    parts = ["# Benchmarks", "", TARGETS, "## Latest measured figures", "",
              f"- date: {when}", f"- device: {', '.join(devices)}", f"- command: `{command}`", ""]
-    if not any("tb_per_s" in r for rows in groups.values() for r in rows):
+    if not any("kernel_ms" in r for rows in groups.values() for r in rows):
         parts += ["These figures were measured without a GPU: the PyTorch providers at reduced",
                   "shapes on the CPU. The Triton providers were not timed (interpreted kernels are",
                   "not timed), so nothing here speaks to the GPU targets above.", ""]
     for group in sorted(groups):
         rows = groups[group]
+        op, _, k = group.partition(" K=")
+        model = models.get((op, int(k))) if k.isdigit() else None
         path = _plot(group, rows, plots)
-        parts += [f"### {group}", "", _table(rows), "",
+        parts += [f"### {group}", "", _table(rows, model), "",
                   f"![{group}]({os.path.relpath(path, os.path.dirname(os.path.abspath(out)))})", ""]
-    if inspect_rows is not None:
-        parts.append(inspect_section(inspect_rows))
+    if tiles:
+        parts.append(tiles_section(tiles))
+    if work:
+        parts.append(work_section(work))
+    if ptxas is not None:
+        parts.append(ptxas_section(ptxas))
     with open(out, "w") as f:
         f.write("\n".join(parts))
+
+
+def _read(path):
+    if not path:
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", help="pytest --benchmark-json output")
-    parser.add_argument("--inspect", help="python -m alignclip_kernels.inspect --json output")
+    parser.add_argument("--work", help="python -m alignclip_kernels.work --json output")
+    parser.add_argument("--tiles", help="benchmarks/attention_tiles.py output")
+    parser.add_argument("--ptxas", help="python -m alignclip_kernels.ptxas_report --json output")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=os.path.join("benchmarks", "plots"))
     parser.add_argument("--command", default="pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json")
     args = parser.parse_args(argv)
-    with open(args.results) as f:
-        results = json.load(f)
-    inspect_rows = None
-    if args.inspect:
-        with open(args.inspect) as f:
-            inspect_rows = json.load(f)
-    write_report(results, args.out, args.plots, args.command, inspect_rows)
+    write_report(_read(args.results), args.out, args.plots, args.command, _read(args.work),
+                 _read(args.tiles), _read(args.ptxas))
     print(f"wrote {args.out} and {args.plots}/")
     return 0
 

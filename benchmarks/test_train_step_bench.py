@@ -1,28 +1,30 @@
-"""train-step: one full optimizer step (forward, loss, backward, AdamW, BMA) on a batch:
-clip-finetune (CLIPood: stock open_clip tower with SDPA, MMS loss, BMA), alignclip-reference
-(the authors' path) and alignclip-fused; ViT-B/16 on 108 images on CUDA, a small ViT on the CPU.
-Also dual-block-out-proj: the two out_proj arrangements of a dual block."""
+"""train-step: one optimizer step (forward, loss, backward, AdamW, BMA) on a batch:
+- clip-finetune: stock open_clip tower, CLIPood's MMS loss, BMA;
+- clip-finetune-packed: the same CLIP step through our packed attention (no D-V path, no CLS
+  rows) and SLS+MMS: the fair CLIPood baseline for AlignCLIP's price;
+- alignclip-reference: the authors' path; alignclip-fused: ours.
+ViT-B/16 on 108 images in bf16 on CUDA, a small ViT on the CPU; peak memory each. Also
+dual-block-out-proj: the two out_proj arrangements of a dual block."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CUDA, DEVICE, measure, needs_cuda
 from open_clip.transformer import VisionTransformer
+from providers import authors_attention, bma_loop, mms_loss
 
 from alignclip import AlignCLIPLoss, AlignCLIPVisual, BetaMovingAverage
 from alignclip_kernels import reference as ref
-from conftest import CUDA, DEVICE, measure
-from providers import authors_attention, bma_loop, mms_loss
 
 if CUDA:
-    TOWER = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0,
-                 output_dim=512)
+    TOWER = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512)
     BATCH, LABEL = 108, "ViT-B/16 B=108"
 else:
-    TOWER = dict(image_size=64, patch_size=16, width=128, layers=6, heads=2, mlp_ratio=4.0,
-                 output_dim=64)
+    TOWER = dict(image_size=64, patch_size=16, width=128, layers=6, heads=2, mlp_ratio=4.0, output_dim=64)
     BATCH, LABEL = 16, "ViT W128x6 B=16 (CPU)"
 K = 7
-OURS = "alignclip-fused" if CUDA else "alignclip-fallback"   # the PyTorch path without CUDA
-PROVIDERS = ["clip-finetune", "alignclip-reference", OURS]
+# alignclip-pytorch-path: our model and loss through the ops' PyTorch path (CPU runs only)
+PROVIDERS = ["clip-finetune", "clip-finetune-packed", "alignclip-reference", "alignclip-fused"] + \
+    ([] if CUDA else ["alignclip-pytorch-path"])
 
 
 def _step_fn(provider):
@@ -33,31 +35,33 @@ def _step_fn(provider):
     labels = torch.randint(0, K, (BATCH,), device=DEVICE)
     opt = torch.optim.AdamW(visual.parameters(), lr=1e-6, weight_decay=0.1)
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=CUDA)
+    bma = BetaMovingAverage(visual, 10 ** 6)
+    average = bma.update
     if provider == "clip-finetune":
-        bma = BetaMovingAverage(visual, 10 ** 6)
-
         def loss_fn():
             return mms_loss(visual(images), text, labels)
-    else:
-        if provider == OURS:
-            model = AlignCLIPVisual(visual, dual_layers=6)
-            criterion = AlignCLIPLoss(text)
-        else:
-            model = AlignCLIPVisual(visual, dual_layers=6, attention=authors_attention)
-            criterion = AlignCLIPLoss(text, ops=ref)
-        bma = BetaMovingAverage(visual, 10 ** 6)
+    elif provider == "clip-finetune-packed":
+        model, criterion = AlignCLIPVisual(visual, dual_layers=0, aal_layers=()), AlignCLIPLoss(text, align=False)
+
+        def loss_fn():
+            return criterion(model(images, align=False), labels).total
+    elif provider == "alignclip-reference":
+        model = AlignCLIPVisual(visual, dual_layers=6, attention=authors_attention)
+        criterion = AlignCLIPLoss(text, ops=ref)
+        averaged, params = list(bma.module.parameters()), list(visual.parameters())
+        state = {"sum": bma.weight_sum, "step": 0}
 
         def loss_fn():
             return criterion(model(images), labels).total
-    if provider == "alignclip-reference":
-        averaged, params = list(bma.module.parameters()), list(visual.parameters())
-        state = {"sum": bma.weight_sum, "step": 0}
 
         def average():
             state["step"] += 1
             state["sum"] = bma_loop(averaged, params, state["step"], 10 ** 6, 0.5, state["sum"])
     else:
-        average = bma.update
+        model, criterion = AlignCLIPVisual(visual, dual_layers=6), AlignCLIPLoss(text)
+
+        def loss_fn():
+            return criterion(model(images), labels).total
 
     def step():
         with torch.autocast(**amp):
@@ -72,9 +76,8 @@ def _step_fn(provider):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(benchmark, provider):
-    step = _step_fn(provider)
-    step()
-    measure(benchmark, step, group=f"train-step {LABEL}", provider=provider,
+    needs_cuda(provider)
+    measure(benchmark, _step_fn(provider), group=f"train-step {LABEL}", provider=provider,
             rounds=10 if CUDA else 3, images=BATCH)
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from utils import check_op, cls_rows, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, cls_rows, gen, unit
 
 
 def _target(b, p, seed, zeros=True):
@@ -72,19 +72,6 @@ def test_one_launch_each_way(launches):
     assert len(fwd) == 1 and len(bwd) == 1
 
 
-def test_pytorch_path_matches_reference(torch_path):
-    check_op(ak.aal_kl_loss, ref.aal_kl_loss, [cls_rows(2, 2, 2, 8, 22), _target(2, 7, 23)])
-    check_op(ak.aal_loss, ref.aal_loss, [cls_rows(2, 2, 2, 8, 24), torch.randn(2, 7, 12), unit(3, 12, 25)],
-             others=(torch.tensor([1, 2]),))
-
-
-def test_double_backward_is_refused_clearly():
-    cls = cls_rows(1, 2, 2, 6, 1).requires_grad_()
-    loss = ak.aal_kl_loss(cls, _target(2, 5, 2))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, cls, create_graph=True)
-
-
 CLS = cls_rows(2, 2, 2, 6, 0)
 TARGET = _target(2, 5, 1, zeros=False)
 BAD = {
@@ -100,11 +87,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_refused_by_name(case):
-    call, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
-        call()
+test_bad_input_is_refused_by_name = refusal_test(BAD)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -9,8 +9,7 @@ import pytest
 from PIL import Image
 
 from alignclip.config import DataConfig
-from alignclip.data import DataError, StepBatches, build_task, write_synthetic
-from alignclip.data import coop
+from alignclip.data import DataError, StepBatches, build_task, coop, write_synthetic
 from alignclip.data.domainbed import domainbed_seed_hash, holdout_split, load_domains
 from alignclip.data.samples import list_images
 

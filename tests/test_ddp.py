@@ -36,7 +36,8 @@ def test_two_ranks_match_one_process_and_log_the_global_mean(tmp_path):
                 # the query and value thirds only.
                 third = got.shape[0] // 3
                 got, want = (torch.cat([t[:third], t[2 * third:]]) for t in (got, want))
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{part}.{key}: {m}")
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, name=f"{part}.{key}": f"{name}: {m}")
     rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("single", "ddp")]
     assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]

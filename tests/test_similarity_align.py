@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from utils import check_op, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, gen, unit
 
 
 @pytest.mark.parametrize("b,p,e,k", [(3, 23, 40, 5), (1, 1, 16, 1), (2, 70, 50, 37), (1, 196, 64, 17),
@@ -43,11 +43,6 @@ def test_one_launch_each_way(launches):
     assert fwd.names == ["_sim_fwd_kernel"] and bwd.names == ["_sim_bwd_kernel"]
 
 
-def test_pytorch_path_matches_reference(torch_path):
-    tokens = torch.randn(2, 7, 12, generator=gen(20))
-    check_op(ak.similarity_align_loss, ref.similarity_align_loss, [tokens, tokens.flip(1), unit(3, 12, 21)])
-
-
 def test_float64_inputs_keep_float64():
     tokens = torch.randn(2, 7, 16, dtype=torch.float64, generator=gen(28))
     text = unit(3, 16, 29).double()
@@ -68,15 +63,11 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_refused_by_name(case):
-    call, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
-        call()
+test_bad_input_is_refused_by_name = refusal_test(BAD)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 4), st.integers(1, 300), st.integers(1, 96), st.integers(1, 40), st.booleans(),
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 3), st.integers(1, 200), st.integers(1, 96), st.integers(1, 40), st.booleans(),
        st.integers(0, 2 ** 16))
 def test_property_any_shape_and_strided_tokens(b, p, e, k, strided, seed):
     g = gen(seed)

@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from utils import check_op, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, gen, unit
 
 
 def _with_labels(labels, **kw):
@@ -65,12 +65,6 @@ def test_one_launch_each_way(launches):
     assert fwd.names == ["_sls_fwd_kernel"] and bwd.names == ["_sls_bwd_kernel"]
 
 
-def test_pytorch_path_matches_reference(torch_path):
-    text = unit(3, 12, 21)
-    ours, oracle = _with_labels(torch.tensor([1, 2]))
-    check_op(ours, oracle, [torch.randn(2, 12, generator=gen(20)), text, ak.class_distribution(text)])
-
-
 def test_class_distribution_rows_are_distributions():
     dist = ak.class_distribution(unit(9, 12, 17), smoothing=35.0)
     assert dist.shape == (9, 9) and dist.dtype == torch.float32
@@ -99,15 +93,11 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_refused_by_name(case):
-    call, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
-        call()
+test_bad_input_is_refused_by_name = refusal_test(BAD)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 40), st.integers(2, 96), st.integers(1, 80), st.integers(0, 2 ** 16))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 12), st.integers(2, 96), st.integers(1, 80), st.integers(0, 2 ** 16))
 def test_property_any_shape(b, e, k, seed):
     """E ≥ 2: at E = 1 the normalisation leaves no tangent direction, the true gradient is 0 and
     fp32 keeps a residual of ~1e-7 of the logit scale, which no normwise tolerance admits."""

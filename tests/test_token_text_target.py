@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from utils import check_op, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, gen, unit
 
 
 @pytest.mark.parametrize("b,p,e,k,temp", [(3, 23, 40, 5, 1.0), (1, 1, 8, 1, 0.07),
@@ -48,21 +48,9 @@ def test_one_launch_each_way(launches):
     assert fwd.names == ["_target_fwd_kernel"] and bwd.names == ["_target_bwd_kernel"]
 
 
-def test_pytorch_path_matches_reference(torch_path):
-    check_op(ak.token_text_target, ref.token_text_target,
-             [torch.randn(2, 7, 12, generator=gen(20)), unit(3, 12, 21)], others=(torch.tensor([1, 2]),))
-
-
 def test_float64_inputs_keep_float64():
     tokens = torch.randn(2, 7, 16, dtype=torch.float64, generator=gen(28))
     assert ak.token_text_target(tokens, unit(3, 16, 29).double(), torch.tensor([0, 2])).dtype == torch.float64
-
-
-def test_double_backward_is_refused_clearly():
-    tokens = torch.randn(2, 5, 8, requires_grad=True)
-    g = ak.token_text_target(tokens, unit(2, 8, 1), torch.tensor([0, 1]))
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(g.square().sum(), tokens, create_graph=True)
 
 
 B, P, E, K = 2, 5, 8, 3
@@ -88,11 +76,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_refused_by_name(case):
-    call, exc, match = BAD[case]
-    with pytest.raises(exc, match=match):
-        call()
+test_bad_input_is_refused_by_name = refusal_test(BAD)
 
 
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

@@ -331,3 +331,13 @@ def test_sweep_runs_every_target_and_seed_with_the_baseline(tmp_path, torch_path
     assert cli.main(args) == 0                                 # again: every run is skipped
     assert all(x.endswith("done before") for x in capsys.readouterr().out.splitlines() if x.startswith("["))
     assert RunFolder(str(tmp_path / "sweep" / "alignclip" / "target2-seed0")).holds_run()
+
+
+def test_an_empty_evaluation_set_is_reported_as_null_with_a_warning():
+    from alignclip.data.tasks import EvalSet
+    from alignclip.evaluate import accuracy
+
+    with pytest.warns(UserWarning, match="evaluation set is empty"):
+        got = accuracy(visual=None, eval_set=EvalSet([], ["a", "b"]), text=torch.eye(2), cfg=None,
+                       task=None, size=32, device=torch.device("cpu"))
+    assert got is None

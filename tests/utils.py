@@ -1,4 +1,5 @@
 """Shared test helpers: the op/oracle comparison, tolerances, a launch counter, input makers."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -116,3 +117,16 @@ class LaunchCounter:
 
     def __len__(self):
         return len(self.names)
+
+
+def refusal_test(cases):
+    """A test over {name: (call, exception type, message pattern)}: each bad call is refused with
+    that exception, naming what was wrong."""
+
+    @pytest.mark.parametrize("case", list(cases))
+    def test(case):
+        call, exc, match = cases[case]
+        with pytest.raises(exc, match=match):
+            call()
+
+    return test

@@ -1,8 +1,7 @@
 """Data: DomainBed and CoOp layouts with the authors' splits, prompts and transforms, the
 synthetic demo set, step-indexed batches."""
 from .domainbed import DATASETS, DataError
-from .samples import (CorruptImageError, SampleDataset, StepBatches, eval_transform, normalization,
-                      train_transform)
+from .samples import CorruptImageError, SampleDataset, StepBatches, eval_transform, normalization, train_transform
 from .synthetic import write_synthetic
 from .tasks import EvalSet, Task, build_task
 
