@@ -2,10 +2,10 @@
 ViT-B/16 (B=108) and ViT-L/14 (B=32) in bf16 on CUDA, at a reduced ViT-B/16 shape on the CPU."""
 import pytest
 import torch
-from conftest import CUDA, DEVICE, measure, needs_cuda
 from providers import ATTENTION, attention_call, attention_inputs, packed_qkv, sdpa_backend_used
 
 from alignclip_kernels import roofline
+from conftest import CUDA, DEVICE, measure, needs_cuda
 
 if CUDA:
     SHAPES = {"ViT-B/16 B=108": (108, 12, 197, 64), "ViT-L/14 B=32": (32, 16, 257, 64)}

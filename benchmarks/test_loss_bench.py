@@ -4,12 +4,12 @@ CUDA, reduced on the CPU. The report puts the work counter's model time beside e
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, DEVICE, measure, needs_cuda
 
 import alignclip_kernels as ak
 from alignclip import BetaMovingAverage
 from alignclip_kernels import reference as ref
 from alignclip_kernels import roofline
+from conftest import CUDA, DEVICE, measure, needs_cuda
 
 B, P, E, L, H = (108, 196, 512, 5, 12) if CUDA else (8, 196, 512, 5, 12)
 KS = [7, 65, 345] if CUDA else [7, 65]

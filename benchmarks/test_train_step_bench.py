@@ -8,12 +8,12 @@ dual-block-out-proj: the two out_proj arrangements of a dual block."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA, DEVICE, measure, needs_cuda
 from open_clip.transformer import VisionTransformer
 from providers import authors_attention, bma_loop, mms_loss
 
 from alignclip import AlignCLIPLoss, AlignCLIPVisual, BetaMovingAverage
 from alignclip_kernels import reference as ref
+from conftest import CUDA, DEVICE, measure, needs_cuda
 
 if CUDA:
     TOWER = dict(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512)

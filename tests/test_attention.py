@@ -5,11 +5,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import TOLERANCES, assert_close, check_op, gen, packed, separate
 
 import alignclip_kernels as ak
 from alignclip_kernels import attention
 from alignclip_kernels import reference as ref
+from utils import TOLERANCES, assert_close, check_op, gen, packed, separate
 
 SHAPES = [  # B, H, N, D, R
     (1, 1, 1, 32, 1),

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from runs import tiny_config
+from tiny_run import tiny_config
 
 
 def _run(args, env):

@@ -6,10 +6,10 @@ Tolerances are normwise (see utils.TOLERANCES): fp16 rtol 2e-2, bf16 rtol 5e-2, 
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import check_op
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
+from utils import check_op
 
 pytestmark = pytest.mark.gpu
 FP32_GPU = dict(rtol=1e-4, atol=1e-6)

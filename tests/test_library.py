@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import cls_rows, gen, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
+from utils import cls_rows, gen, unit
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="the custom ops launch Triton kernels")

@@ -4,16 +4,16 @@ block's own projections); with align off it equals the tower's own forward."""
 import copy
 
 import open_clip
-import openclip_main_layout
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
-from utils import gen
 
+import openclip_main_layout
 from alignclip import AlignCLIPLoss, AlignCLIPVisual
 from alignclip.towers import TowerError
 from alignclip_kernels import reference as ref
+from utils import gen
 
 
 def open_clip_vit(ls_init_value=None, layers=4):

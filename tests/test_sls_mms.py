@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import check_op, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
+from utils import check_op, gen, refusal_test, unit
 
 
 def _with_labels(labels, **kw):

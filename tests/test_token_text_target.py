@@ -4,10 +4,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from utils import check_op, gen, refusal_test, unit
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
+from utils import check_op, gen, refusal_test, unit
 
 
 @pytest.mark.parametrize("b,p,e,k,temp", [(3, 23, 40, 5, 1.0), (1, 1, 8, 1, 0.07),

@@ -16,7 +16,7 @@ from alignclip import cli
 from alignclip.checkpoint import RunError, load
 from alignclip.run import RunFolder
 from alignclip.train import train
-from runs import tiny_config
+from tiny_run import tiny_config
 
 
 def _ckpt(path):

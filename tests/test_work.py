@@ -1,5 +1,6 @@
 """The work counter: exact counts on a kernel whose work is known, and the budgets at the paper's
-shapes (bf16, sm_90 configurations, ViT-B/16 and K in {7, 345})."""
+shapes (bf16, sm_90 configurations, ViT-B/16 and K in {7, 345}), equal to the committed full
+count."""
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ import triton.language as tl
 from alignclip_kernels import work
 from alignclip_kernels.kernel_utils import gemv
 
+COMMITTED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                         "work.json")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="the counter runs under the Triton interpreter")
 
@@ -58,3 +61,12 @@ def test_quick_run_holds_every_budget(tmp_path):
             assert r["byte_ratio"] <= 1.2, (op, k, r["byte_ratio"])
             assert all(row["programs"] >= 132 for row in r["kernels"]), (op, k)
     assert "| op | case |" in res.stdout
+    # The committed full count (README, BENCHMARKS.md) must be today's kernels' count.
+    with open(COMMITTED) as f:
+        committed = {(r["op"], r["case"], r["dtype"]): r for r in json.load(f)["results"]}
+    for r in data["results"]:
+        old = committed[(r["op"], r["case"], r["dtype"])]
+        for phase, counts in r["phases"].items():
+            assert {k: counts[k] for k in ("macs", "unique")} == \
+                {k: old["phases"][phase][k] for k in ("macs", "unique")}, \
+                f"benchmarks/work.json is stale ({r['op']} {r['case']} {phase}): regenerate it"
