@@ -45,7 +45,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, last_to_arrive
+    from .kernel_utils import combine_logsumexp, last_to_arrive, split_block
     from .token_text_target import cosine_backward, label_row, row_cosines, text_inv_norm
 
 TINY = reference.TINY
@@ -143,10 +143,8 @@ if HAS_TRITON:
         l_z = 0.0
         if FROM_TOKENS:
             for i in range(0, blocks_per_program):
-                block = split * blocks_per_program + i
-                if block < n_blocks:
-                    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                    p_mask = offs_p < P
+                valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+                if valid:
                     c, nu = row_cosines(Tok + b * stride_tb, stride_tp, stride_te, Text_row,
                                         stride_xe, offs_p, p_mask, E, inv_nt, eps, BLOCK_P, BLOCK_E)
                     z = tl.where(p_mask, c * inv_temp, float("-inf"))
@@ -165,10 +163,8 @@ if HAS_TRITON:
         for layer in range(0, L):
             total = 0.0
             for i in range(0, blocks_per_program):
-                block = split * blocks_per_program + i
-                if block < n_blocks:
-                    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                    p_mask = offs_p < P
+                valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+                if valid:
                     m = head_mean(Attn + layer * stride_al + b * stride_ab, stride_ah, stride_an,
                                   offs_p, p_mask, H, BLOCK_H)
                     tl.store(Mean + layer * P + offs_p, m, mask=p_mask)
@@ -250,10 +246,8 @@ if HAS_TRITON:
                     tl.store(DAttn + layer * stride_dl + offs_h * stride_dh,
                              tl.zeros([BLOCK_H], tl.float32), mask=offs_h < H)
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = offs_p < P
+            valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+            if valid:
                 g = target_values(Target, stride_gb, stride_gp, Z, b, P, offs_p, p_mask, m_z, l_z,
                                   label_ok, FROM_TOKENS)
                 a_mean = attention_mean(Mean, P, offs_p, p_mask, totals, offs_l, L, tiny)
@@ -283,44 +277,56 @@ if HAS_TRITON:
                     tl.store(DTarget + b * P + offs_p, dg, mask=p_mask)
 
 
-def _aal_fwd(cls_attn, target, tokens, text, labels, temperature, config=None):
-    """(loss, head means [B, L, P], z [B, P], row stats [B, P, 2], per-image stats) — the
-    last four kept for the backward. `target` or (`tokens`, `text`, `labels`) is None."""
+def _aal_launch(cls_attn, target, tokens, text, labels, temperature, config):
+    """The grid and the arguments both kernels take: G given (`target`) or from the tokens."""
     n_layers, b, h, n = cls_attn.shape
-    p = n - 1
     from_tokens = target is None
     e = tokens.shape[2] if from_tokens else 1
     dev = cls_attn.device
     config = config or aal_config(h, e, dev)
-    n_blocks = triton.cdiv(p, config["BLOCK_P"])
+    n_blocks = triton.cdiv(n - 1, config["BLOCK_P"])
     splits, per_program = split_blocks(b, n_blocks, dev)
+    unused = placeholder(dev)
+    if from_tokens:
+        given = dict(Target=unused, stride_gb=0, stride_gp=0,
+                     Tok=tokens, stride_tb=tokens.stride(0), stride_tp=tokens.stride(1),
+                     stride_te=tokens.stride(2),
+                     Text=text, stride_xk=text.stride(0), stride_xe=text.stride(1),
+                     Labels=labels, K=text.shape[0])
+    else:
+        given = dict(Target=target, stride_gb=target.stride(0), stride_gp=target.stride(1),
+                     Tok=unused, stride_tb=0, stride_tp=0, stride_te=0,
+                     Text=unused, stride_xk=0, stride_xe=0, Labels=unused, K=1)
+    args = dict(
+        **given,
+        L=n_layers, H=h, P=n - 1, E=e, n_blocks=n_blocks, blocks_per_program=per_program,
+        inv_b=1.0 / b, inv_temp=1.0 / temperature, eps=EPS, tiny=TINY,
+        BLOCK_L=next_pow2(n_layers), FROM_TOKENS=from_tokens, **config.kwargs,
+    )
+    return (b, splits), args
+
+
+def _aal_fwd(cls_attn, target, tokens, text, labels, temperature, config=None):
+    """(loss, head means [B, L, P], z [B, P], row stats [B, P, 2], per-image stats) — the
+    last four kept for the backward. `target` or (`tokens`, `text`, `labels`) is None."""
+    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config)
+    n_layers, b, _, n = cls_attn.shape
+    splits = grid[1]
+    dev = cls_attn.device
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.zeros((), **f32)
-    mean = torch.empty((b, n_layers, p), **f32)
-    z = torch.empty((b, p), **f32) if from_tokens else placeholder(dev)
-    row_stats = torch.empty((b, p, 2), **f32) if from_tokens else placeholder(dev)
+    mean = torch.empty((b, n_layers, n - 1), **f32)
+    z = torch.empty((b, n - 1), **f32) if args["FROM_TOKENS"] else placeholder(dev)
+    row_stats = torch.empty((b, n - 1, 2), **f32) if args["FROM_TOKENS"] else placeholder(dev)
     partial = torch.empty((b, splits, 2 + n_layers), **f32)
     stats = torch.empty((b, _stats_width(n_layers)), **f32)
     tickets = torch.zeros((b,), dtype=torch.int32, device=dev)
-    unused = placeholder(dev)
-    _aal_fwd_kernel[(b, splits)](
-        Attn=cls_attn, Target=unused if from_tokens else target,
-        Tok=tokens if from_tokens else unused, Text=text if from_tokens else unused,
-        Labels=labels if from_tokens else tickets, Loss=loss, Mean=mean, Z=z, RowStats=row_stats,
-        Partial=partial, Stats=stats, Tickets=tickets,
+    _aal_fwd_kernel[grid](
+        Attn=cls_attn, Loss=loss, Mean=mean, Z=z, RowStats=row_stats, Partial=partial,
+        Stats=stats, Tickets=tickets,
         stride_al=cls_attn.stride(0), stride_ab=cls_attn.stride(1), stride_ah=cls_attn.stride(2),
         stride_an=cls_attn.stride(3),
-        stride_gb=0 if from_tokens else target.stride(0),
-        stride_gp=0 if from_tokens else target.stride(1),
-        stride_tb=tokens.stride(0) if from_tokens else 0,
-        stride_tp=tokens.stride(1) if from_tokens else 0,
-        stride_te=tokens.stride(2) if from_tokens else 0,
-        stride_xk=text.stride(0) if from_tokens else 0,
-        stride_xe=text.stride(1) if from_tokens else 0,
-        L=n_layers, H=h, P=p, E=e, K=text.shape[0] if from_tokens else 1, n_blocks=n_blocks,
-        blocks_per_program=per_program, inv_b=1.0 / b, inv_temp=1.0 / temperature, eps=EPS,
-        tiny=TINY, BLOCK_L=next_pow2(n_layers), FROM_TOKENS=from_tokens, SPLIT=splits > 1,
-        **config.kwargs,
+        SPLIT=splits > 1, **args,
     )
     return loss, mean, z, row_stats, stats
 
@@ -328,43 +334,27 @@ def _aal_fwd(cls_attn, target, tokens, text, labels, temperature, config=None):
 def _aal_bwd(dloss, cls_attn, target, tokens, text, labels, temperature, mean, z, row_stats, stats,
              target_grad, text_grad, config=None):
     """(d cls_attn [L, B, H, N] fp32, d target fp32 or None, d tokens or None, d text fp32 or None)."""
-    n_layers, b, h, n = cls_attn.shape
-    p = n - 1
-    from_tokens = target is None
-    e = tokens.shape[2] if from_tokens else 1
+    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config)
+    from_tokens = args["FROM_TOKENS"]
+    _, b, _, n = cls_attn.shape
     dev = cls_attn.device
-    config = config or aal_config(h, e, dev)
-    n_blocks = triton.cdiv(p, config["BLOCK_P"])
-    splits, per_program = split_blocks(b, n_blocks, dev)
-    dattn = torch.empty((n_layers, b, h, n), dtype=torch.float32, device=dev)
+    dattn = torch.empty(cls_attn.shape, dtype=torch.float32, device=dev)
     target_grad = target_grad and not from_tokens
     text_grad = text_grad and from_tokens
-    dtarget = torch.empty((b, p), dtype=torch.float32, device=dev) if target_grad else None
-    dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=dev) if from_tokens else None
+    dtarget = torch.empty((b, n - 1), dtype=torch.float32, device=dev) if target_grad else None
+    dtok = torch.empty(tokens.shape, dtype=tokens.dtype, device=dev) if from_tokens else None
     dtext = torch.zeros(text.shape, dtype=torch.float32, device=dev) if text_grad else None
     unused = placeholder(dev)
-    _aal_bwd_kernel[(b, splits)](
-        Tok=tokens if from_tokens else unused, Text=text if from_tokens else unused,
-        Labels=labels if from_tokens else unused, Target=unused if from_tokens else target,
+    _aal_bwd_kernel[grid](
         Mean=mean, Z=z, RowStats=row_stats, Stats=stats, DLoss=dloss, DAttn=dattn,
         DTarget=dtarget if target_grad else unused, DTok=dtok if from_tokens else unused,
         DText=dtext if text_grad else unused,
-        stride_gb=0 if from_tokens else target.stride(0),
-        stride_gp=0 if from_tokens else target.stride(1),
-        stride_tb=tokens.stride(0) if from_tokens else 0,
-        stride_tp=tokens.stride(1) if from_tokens else 0,
-        stride_te=tokens.stride(2) if from_tokens else 0,
-        stride_xk=text.stride(0) if from_tokens else 0,
-        stride_xe=text.stride(1) if from_tokens else 0,
         stride_dl=dattn.stride(0), stride_db=dattn.stride(1), stride_dh=dattn.stride(2),
         stride_dn=dattn.stride(3),
         stride_dtb=dtok.stride(0) if from_tokens else 0,
         stride_dtp=dtok.stride(1) if from_tokens else 0,
         stride_dte=dtok.stride(2) if from_tokens else 0,
-        L=n_layers, H=h, P=p, E=e, K=text.shape[0] if from_tokens else 1, n_blocks=n_blocks,
-        blocks_per_program=per_program, inv_b=1.0 / b, inv_temp=1.0 / temperature, eps=EPS,
-        tiny=TINY, BLOCK_L=next_pow2(n_layers), FROM_TOKENS=from_tokens, TARGET_GRAD=target_grad,
-        TEXT_GRAD=text_grad, **config.kwargs,
+        TARGET_GRAD=target_grad, TEXT_GRAD=text_grad, **args,
     )
     return dattn, dtarget, dtok, dtext
 

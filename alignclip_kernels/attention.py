@@ -47,7 +47,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import gemv_t, outer_fma
+    from .kernel_utils import gemv_t, load_tile, outer_fma
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (32, 64, 80, 96, 128)
@@ -249,8 +249,7 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_mask = n_mask[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=v_mask,
-                        other=0.0)
+            v = load_tile(V, offs_n, offs_d, stride_vn, stride_vd, v_mask)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         return m_i, l_i, acc
@@ -289,8 +288,7 @@ if HAS_TRITON:
         m_mask = offs_m < N
         d_mask = offs_d < D
         io_mask = m_mask[:, None] & d_mask[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd, mask=io_mask,
-                    other=0.0)
+        q = load_tile(Q, offs_m, offs_d, stride_qn, stride_qd, io_mask)
         probe = False
         if HAS_ROWS:
             probe = start_m < R
@@ -307,8 +305,7 @@ if HAS_TRITON:
                  mask=io_mask)
         tl.store(Lse + bh * N + offs_m, m_i + tl.log2(l_i), mask=m_mask)
         if WRITE_DV:
-            v_rows = tl.load(V + offs_m[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                             mask=io_mask)
+            v_rows = load_tile(V, offs_m, offs_d, stride_vn, stride_vd, io_mask)
             tl.store(DV + offs_m[:, None] * stride_dvn + offs_d[None, :], v_rows, mask=io_mask)
         if probe:
             # p = exp2(raw − lse) over the stored raw rows; other threads of this program stored
@@ -413,10 +410,8 @@ if HAS_TRITON:
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < N
             row_mask = m_mask[:, None] & d_mask[None, :] if MASKED else d_mask[None, :]
-            q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                        mask=row_mask, other=0.0)
-            do = tl.load(DO + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=row_mask, other=0.0)
+            q = load_tile(Q, offs_m, offs_d, stride_qn, stride_qd, row_mask)
+            do = load_tile(DO, offs_m, offs_d, stride_don, stride_dod, row_mask)
             if MASKED:
                 lse = tl.load(Lse + bh * N + offs_m, mask=m_mask, other=float("inf"))
                 delta = tl.load(Delta + bh * N + offs_m, mask=m_mask, other=0.0)
@@ -448,10 +443,8 @@ if HAS_TRITON:
         n_mask = offs_n < N
         d_mask = offs_d < D
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask,
-                    other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask,
-                    other=0.0)
+        k = load_tile(K, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+        v = load_tile(V, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         full = (N // BLOCK_M) * BLOCK_M
@@ -470,8 +463,7 @@ if HAS_TRITON:
                 dk = outer_fma(dk, p_r * da_r, q_r)
         dk *= sm_scale
         if HAS_DDV:
-            dv += tl.load(DDV + offs_n[:, None] * stride_ddn + offs_d[None, :] * stride_ddc,
-                          mask=kv_mask, other=0.0).to(tl.float32)
+            dv += load_tile(DDV, offs_n, offs_d, stride_ddn, stride_ddc, kv_mask).to(tl.float32)
         tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
                  dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DVin + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -558,8 +550,8 @@ if HAS_TRITON:
                             p_r = tl.load(RowA + r * stride_rr + offs_n, mask=n_mask, other=0.0)
                             da_r = tl.load(DRowA + r * stride_drr + offs_n * stride_drn,
                                            mask=n_mask, other=0.0).to(tl.float32)
-                            k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                            k = load_tile(K, offs_n, offs_d, stride_kn, stride_kd,
+                                          n_mask[:, None] & d_mask[None, :])
                             row += gemv_t(k, p_r * da_r)
                         dq = tl.where(offs_m[:, None] == r, dq + row[None, :], dq)
         tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn

@@ -132,6 +132,20 @@ if HAS_TRITON:
         return (grad_hat - x_hat * radial[:, None]) * inv_n[:, None]
 
     @triton.jit
+    def load_tile(Ptr, offs_r, offs_c, stride_r, stride_c, mask):
+        """Ptr[offs_r, offs_c] as a [rows, columns] tile, 0 where `mask` is False."""
+        return tl.load(Ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask,
+                       other=0.0)
+
+    @triton.jit
+    def split_block(split, i, blocks_per_program, n_blocks, limit, BLOCK: tl.constexpr):
+        """(is it a block, offsets, mask) of the i-th block of program `split`'s share of an
+        item's n_blocks blocks of BLOCK indices below `limit` (see `split_blocks`)."""
+        block = split * blocks_per_program + i
+        offs = block * BLOCK + tl.arange(0, BLOCK)
+        return block < n_blocks, offs, offs < limit
+
+    @triton.jit
     def last_to_arrive(Tickets, slot, arrivals):
         """True in the one program, of the `arrivals` programs sharing ticket `slot`, that
         finishes last; it then combines what the others stored.

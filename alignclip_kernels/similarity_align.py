@@ -40,7 +40,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import fma_dot, gemv_t, inv_norm, last_to_arrive, normalize_backward, outer_fma
+    from .kernel_utils import fma_dot, gemv_t, inv_norm, last_to_arrive, normalize_backward, outer_fma, split_block
 
 EPS = reference.NORM_EPS
 
@@ -142,10 +142,8 @@ if HAS_TRITON:
         l_q = tl.zeros([BLOCK_K], tl.float32)
         w = tl.zeros([BLOCK_K], tl.float32)
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = offs_p < P
+            valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+            if valid:
                 s, s_dv = cosine_tiles(Tok, stride_tp, stride_te, TokDv, stride_vp, stride_ve, Text,
                                        stride_xk, stride_xe, offs_p, p_mask, offs_k, k_mask, E,
                                        inv_nt, eps, BLOCK_P, BLOCK_K, BLOCK_E, TENSOR_CORES,

@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, outer_fma
+    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, outer_fma, split_block
     from .token_text_target import label_row
 
 EPS = reference.NORM_EPS
@@ -108,10 +108,8 @@ if HAS_TRITON:
         tz = 0.0
         ts = 0.0
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
+            valid, offs_k, k_mask = split_block(split, i, blocks_per_program, n_blocks, K, BLOCK_K)
+            if valid:
                 t = tl.load(Text + offs_k[:, None] * stride_tk + offs_e[None, :] * stride_te,
                             mask=k_mask[:, None] & e_mask[None, :], other=0.0)
                 z = gemv(t, x) * scale
@@ -172,10 +170,8 @@ if HAS_TRITON:
         ts = tl.load(TargetSum + b)
         dx = tl.zeros([E_PAD], tl.float32)
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_k = block * BLOCK_K + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < K
+            valid, offs_k, k_mask = split_block(split, i, blocks_per_program, n_blocks, K, BLOCK_K)
+            if valid:
                 log_p = tl.load(Logits + b * K + offs_k, mask=k_mask, other=float("-inf")) - lse
                 target = soft_target(CD, y, offs_k, k_mask, stride_ck, stride_cc, epsilon)
                 dz = g * (tl.exp(log_p) * ts - target)
@@ -202,24 +198,15 @@ if HAS_TRITON:
             tl.store(DF + b * E + offs_e, df.to(DF.dtype.element_ty), mask=e_mask)
 
 
-def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config=None):
-    """(loss, logits [B, K] fp32, lse [B], Σ target [B]) — the last two kept for the backward."""
+def _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config):
+    """The grid and the arguments both kernels take."""
     b, e = image_features.shape
     k = text.shape[0]
-    dev = image_features.device
-    config = config or sls_config(b, k, e, dev)
+    config = config or sls_config(b, k, e, image_features.device)
     n_blocks = triton.cdiv(k, config["BLOCK_K"])
-    splits, per_program = split_blocks(b, n_blocks, dev)
-    f32 = dict(dtype=torch.float32, device=dev)
-    logits = torch.empty((b, k), **f32)
-    lse = torch.empty((b,), **f32)
-    target_sum = torch.empty((b,), **f32)
-    loss = torch.zeros((), **f32)
-    partial = torch.empty((b, splits, PARTIAL_WIDTH), **f32)
-    tickets = torch.zeros((b,), dtype=torch.int32, device=dev)
-    _sls_fwd_kernel[(b, splits)](
-        F_=image_features, Text=text, Labels=labels, CD=class_dist, Logits=logits, Lse=lse,
-        TargetSum=target_sum, Loss=loss, Partial=partial, Tickets=tickets,
+    splits, per_program = split_blocks(b, n_blocks, image_features.device)
+    args = dict(
+        F_=image_features, Text=text, Labels=labels, CD=class_dist,
         stride_fb=image_features.stride(0), stride_fe=image_features.stride(1),
         stride_tk=text.stride(0), stride_te=text.stride(1),
         stride_ck=class_dist.stride(0), stride_cc=class_dist.stride(1),
@@ -227,39 +214,49 @@ def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsil
         scale=logit_scale, epsilon=epsilon, inv_b=1.0 / b, eps=EPS, SPLIT=splits > 1,
         **config.kwargs,
     )
+    return (b, splits), args
+
+
+def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config=None):
+    """(loss, logits [B, K] fp32, lse [B], Σ target [B]) — the last two kept for the backward."""
+    grid, args = _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon,
+                             config)
+    b, k = image_features.shape[0], text.shape[0]
+    f32 = dict(dtype=torch.float32, device=image_features.device)
+    logits = torch.empty((b, k), **f32)
+    lse = torch.empty((b,), **f32)
+    target_sum = torch.empty((b,), **f32)
+    loss = torch.zeros((), **f32)
+    partial = torch.empty((b, grid[1], PARTIAL_WIDTH), **f32)
+    tickets = torch.zeros((b,), dtype=torch.int32, device=image_features.device)
+    _sls_fwd_kernel[grid](Logits=logits, Lse=lse, TargetSum=target_sum, Loss=loss, Partial=partial,
+                          Tickets=tickets, **args)
     return loss, logits, lse, target_sum
 
 
 def _sls_bwd(dloss, dlogits, image_features, text, labels, class_dist, logits, lse, target_sum,
              alpha, logit_scale, epsilon, text_grad, cd_grad, config=None):
     """(d image_features, d text fp32 or None, d class_dist fp32 or None)."""
-    b, e = image_features.shape
+    grid, args = _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon,
+                             config)
     k = text.shape[0]
     dev = image_features.device
-    config = config or sls_config(b, k, e, dev)
-    n_blocks = triton.cdiv(k, config["BLOCK_K"])
-    splits, per_program = split_blocks(b, n_blocks, dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    if splits > 1:
-        df = torch.zeros((b, e), **f32)
+    # Split images accumulate d features from several programs: fp32 atomics into zeros.
+    if args["SPLIT"]:
+        df = torch.zeros(image_features.shape, **f32)
     else:
-        df = torch.empty((b, e), dtype=image_features.dtype, device=dev)
-    dtext = torch.zeros((k, e), **f32) if text_grad else None
+        df = torch.empty(image_features.shape, dtype=image_features.dtype, device=dev)
+    dtext = torch.zeros(text.shape, **f32) if text_grad else None
     dcd = torch.zeros((k, k), **f32) if cd_grad else None
     unused = placeholder(dev)
-    dl = dlogits if dlogits is not None else unused
-    _sls_bwd_kernel[(b, splits)](
-        F_=image_features, Text=text, Labels=labels, CD=class_dist, Logits=logits, Lse=lse,
-        TargetSum=target_sum, DLoss=dloss, DLogits=dl, DF=df,
+    _sls_bwd_kernel[grid](
+        Logits=logits, Lse=lse, TargetSum=target_sum, DLoss=dloss,
+        DLogits=dlogits if dlogits is not None else unused, DF=df,
         DText=dtext if text_grad else unused, DCD=dcd if cd_grad else unused,
-        stride_fb=image_features.stride(0), stride_fe=image_features.stride(1),
-        stride_tk=text.stride(0), stride_te=text.stride(1),
-        stride_ck=class_dist.stride(0), stride_cc=class_dist.stride(1),
         stride_dlb=dlogits.stride(0) if dlogits is not None else 0,
         stride_dlk=dlogits.stride(1) if dlogits is not None else 0,
-        K=k, E=e, n_blocks=n_blocks, blocks_per_program=per_program, alpha=alpha,
-        scale=logit_scale, epsilon=epsilon, inv_b=1.0 / b, eps=EPS, SPLIT=splits > 1,
-        HAS_DLOGITS=dlogits is not None, TEXT_GRAD=text_grad, CD_GRAD=cd_grad, **config.kwargs,
+        HAS_DLOGITS=dlogits is not None, TEXT_GRAD=text_grad, CD_GRAD=cd_grad, **args,
     )
     return df.to(image_features.dtype), dtext, dcd
 

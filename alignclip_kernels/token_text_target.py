@@ -35,7 +35,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive
+    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, split_block
 
 EPS = reference.NORM_EPS
 
@@ -137,10 +137,8 @@ if HAS_TRITON:
         m_z = float("-inf")
         l_z = 0.0
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = offs_p < P
+            valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+            if valid:
                 c, nu = row_cosines(Tok, stride_tp, stride_te, Text_row, stride_xe, offs_p, p_mask,
                                     E, inv_nt, eps, BLOCK_P, BLOCK_E)
                 z = tl.where(p_mask, c * inv_temp, float("-inf"))
@@ -186,10 +184,8 @@ if HAS_TRITON:
             dg = tl.load(DG + offs_p * stride_dgp, mask=p_mask, other=0.0).to(tl.float32)
             g_dg += tl.sum(g * dg, axis=0)
         for i in range(0, blocks_per_program):
-            block = split * blocks_per_program + i
-            if block < n_blocks:
-                offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
-                p_mask = offs_p < P
+            valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
+            if valid:
                 g = tl.load(G + offs_p, mask=p_mask, other=0.0)
                 dg = tl.load(DG + offs_p * stride_dgp, mask=p_mask, other=0.0).to(tl.float32)
                 dc = tl.where(p_mask, g * (dg - g_dg) * inv_temp, 0.0)
