@@ -143,8 +143,12 @@ if HAS_TRITON:
         l_z = 0.0
         if FROM_TOKENS:
             for i in range(0, blocks_per_program):
-                valid, offs_p, p_mask = split_block(split, i, blocks_per_program, n_blocks, P, BLOCK_P)
-                if valid:
+                # Offsets inside the branch, not from split_block: computed before it, they made
+                # Triton 3.6's ptxas spill the fp32 kernel on sm_90a (ptxas report).
+                block = split * blocks_per_program + i
+                if block < n_blocks:
+                    offs_p = block * BLOCK_P + tl.arange(0, BLOCK_P)
+                    p_mask = offs_p < P
                     c, nu = row_cosines(Tok + b * stride_tb, stride_tp, stride_te, Text_row,
                                         stride_xe, offs_p, p_mask, E, inv_nt, eps, BLOCK_P, BLOCK_E)
                     z = tl.where(p_mask, c * inv_temp, float("-inf"))
