@@ -10,7 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_suite_runs_and_report_renders(tmp_path):
     results = tmp_path / "bench.json"
-    env = dict(os.environ, TRITON_INTERPRET="0")
+    # Not as an xdist worker: pytest-benchmark disables itself when it sees PYTEST_XDIST_WORKER.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["TRITON_INTERPRET"] = "0"
     res = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-n", "0",
                           "-p", "no:cacheprovider", f"--benchmark-json={results}", "--benchmark-disable-gc", "-rs"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
