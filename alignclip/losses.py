@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 import alignclip_kernels
+from alignclip_kernels import _checks
 from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
 
 
@@ -31,11 +32,15 @@ class AlignCLIPLoss(torch.nn.Module):
                  ops=alignclip_kernels):
         super().__init__()
         self.ops = ops
+        text = _checks.tensor("text", text, 2, "[K, E]", floating=False)
         self.register_buffer("text", text.detach().float(), persistent=False)
         self.register_buffer("class_dist", ops.class_distribution(self.text, smoothing=smoothing),
                              persistent=False)
-        self.alpha, self.logit_scale, self.epsilon = float(alpha), float(logit_scale), float(epsilon)
-        self.aloss, self.temperature, self.align = float(aloss), float(temperature), align
+        self.alpha, self.epsilon = _checks.finite("alpha", alpha), _checks.finite("epsilon", epsilon)
+        self.logit_scale = _checks.positive_finite("logit_scale", logit_scale)
+        self.aloss = _checks.finite("aloss", aloss)
+        self.temperature = _checks.positive_finite("temperature", temperature)
+        self.align = bool(align)
         self._text_cast = {}
 
     def _text_as(self, dtype):

@@ -215,6 +215,20 @@ def test_refuses_non_vit_towers_and_bad_layers():
         AlignCLIPVisual(open_clip_vit(), dual_layers=2, aal_layers=(0, 7))
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(text="features"), TypeError, "text must be a torch.Tensor"),
+    (dict(text=torch.randn(5)), ValueError, r"text must have shape \[K, E\]"),
+    (dict(logit_scale=0.0), ValueError, "logit_scale must be finite and > 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be finite and > 0"),
+    (dict(alpha="0.3"), TypeError, "alpha must be a real number"),
+    (dict(aloss=float("inf")), ValueError, "aloss must be finite"),
+])
+def test_loss_refuses_bad_arguments_by_name(kwargs, error, match):
+    args = dict(text=torch.randn(4, 8)) | kwargs
+    with pytest.raises(error, match=match):
+        AlignCLIPLoss(args.pop("text"), **args)
+
+
 def test_hf_attention_implementation_equals_eager():
     transformers = pytest.importorskip("transformers")
     import alignclip.hf
