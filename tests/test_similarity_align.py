@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, gen, refusal_test, unit
+from utils import check_op, gen, patch_tokens, refusal_test, unit
 
 
 @pytest.mark.parametrize("b,p,e,k", [(3, 23, 40, 5), (1, 1, 16, 1), (2, 70, 50, 37), (1, 196, 64, 17),
@@ -70,8 +70,8 @@ test_bad_input_is_refused_by_name = refusal_test(BAD)
 @given(st.integers(1, 3), st.integers(1, 200), st.integers(1, 96), st.integers(1, 40), st.booleans(),
        st.integers(0, 2 ** 16))
 def test_property_any_shape_and_strided_tokens(b, p, e, k, strided, seed):
-    g = gen(seed)
-    full = torch.randn(2, b, p + 1, e, generator=g)
-    tokens, tokens_dv = (full[:, :, 1:] if strided else full[:, :, :p]).unbind(0)
+    tokens, tokens_dv = patch_tokens(gen(seed), 2, b, p=p, e=e, strided=strided).unbind(0)
+    # The KL sums O(1) terms that cancel exactly when K = 1 or S = S_dv: the kernel's base-2
+    # log-sum-exp leaves up to a few fp32 ulps of those terms (1.2e-7 seen), not of the result.
     check_op(ak.similarity_align_loss, ref.similarity_align_loss, [tokens, tokens_dv, unit(k, e, seed)],
-             seed=seed)
+             seed=seed, tolerance=dict(rtol=1e-5, atol=1e-6))

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import alignclip_kernels as ak
 from alignclip_kernels import reference as ref
-from utils import check_op, gen, refusal_test, unit
+from utils import check_op, gen, patch_tokens, refusal_test, unit
 
 
 @pytest.mark.parametrize("b,p,e,k,temp", [(3, 23, 40, 5, 1.0), (1, 1, 8, 1, 0.07),
@@ -84,8 +84,7 @@ test_bad_input_is_refused_by_name = refusal_test(BAD)
        st.integers(0, 2 ** 16))
 def test_property_any_shape_and_strided_tokens(b, p, e, k, strided, seed):
     g = gen(seed)
-    full = torch.randn(b, p + 1, e, generator=g)
-    tokens = full[:, 1:] if strided else full[:, :p]     # patches as a view skipping the CLS row
+    tokens = patch_tokens(g, b, p=p, e=e, strided=strided)
     labels = torch.randint(0, k, (b,), generator=g)
     check_op(ak.token_text_target, ref.token_text_target, [tokens, unit(k, e, seed)],
              others=(labels,), seed=seed)

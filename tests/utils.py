@@ -25,6 +25,13 @@ def cls_rows(n_layers, b, h, n, seed):
     return torch.softmax(3 * torch.randn(n_layers, b, h, n, generator=gen(seed)), -1)
 
 
+def patch_tokens(g, *lead, p, e, strided):
+    """Patch tokens [*lead, P, E]: with `strided`, a view skipping the CLS row of [*lead, P+1, E]
+    (how the model hands them over), else contiguous."""
+    full = torch.randn(*lead, p + 1, e, generator=g)
+    return full[..., 1:, :] if strided else full[..., :p, :]
+
+
 def packed(b, n, h, d, seed=0):
     """One packed QKV projection output [B, N, 3, H, D] and a function making its q/k/v views."""
     qkv = torch.randn(b, n, 3, h, d, generator=gen(seed))
