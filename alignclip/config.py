@@ -18,7 +18,7 @@ import yaml
 from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
 
 TASKS = ("domain_shift", "open_class", "in_the_wild")
-TRANSFORMS = ("auto", "domainbed", "coop")
+TRANSFORMS = ("auto", "alignclip", "domainbed", "coop")
 
 
 class ConfigError(ValueError):
@@ -41,11 +41,12 @@ class DataConfig:
     batch_size: int = 36                  # per source domain a step (open class: a step)
     holdout_fraction: float = 0.2         # DomainBed's validation split of every domain
     split_seed: int = 0                   # DomainBed's trial seed: the 80/20 split of each domain
-    num_workers: int = 4
+    num_workers: Optional[int] = None     # data workers for the run (null: this machine's cores, less one)
     skip_corrupt: bool = False            # skip unreadable images (with a warning) instead of stopping
     shots: Optional[int] = None           # few-shot training on CoOp data: images per class
     split_file: Optional[str] = None      # a CoOp split file other than the data set's own
-    transforms: str = "auto"              # domainbed | coop | auto (DomainBed data: domainbed)
+    transforms: str = "auto"              # alignclip | domainbed | coop | auto (alignclip for DomainBed
+                                          # data, coop for CoOp data: the authors' choices)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -57,6 +58,7 @@ class ModelConfig:
     aal_layers: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])   # CLS rows for the AAL
     out_proj_mode: str = "split"          # split (two GEMMs) | stacked (one GEMM over both paths)
     template: Optional[str] = None        # class prompt with one {}; null: the data set's own
+    grad_checkpointing: bool = False      # recompute each block in backward (or the tower's own flag)
 
 
 @dataclass
@@ -190,7 +192,9 @@ def validate(cfg):
                         ("train.checkpoint_every", t.checkpoint_every),
                         ("train.eval_batch_size", t.eval_batch_size)):
         _check_range(name, value, lambda v: v >= 1, "an integer >= 1")
-    for name, value in (("data.num_workers", d.num_workers), ("train.attention_images", t.attention_images),
+    if d.num_workers is not None:
+        _check_range("data.num_workers", d.num_workers, lambda v: v >= 0, "an integer >= 0 or null")
+    for name, value in (("train.attention_images", t.attention_images),
                         ("model.dual_layers", m.dual_layers), ("data.split_seed", d.split_seed)):
         _check_range(name, value, lambda v: v >= 0, "an integer >= 0")
     if d.shots is not None:
@@ -268,7 +272,8 @@ def from_dict(data):
 # Keys that do not change what a run computes: a resumed run may differ in these.
 RUN_NEUTRAL = {"output_dir", "data.root", "data.num_workers", "train.device", "train.compile",
                "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
-               "train.attention_images", "train.tensorboard", "data.skip_corrupt"}
+               "train.attention_images", "train.tensorboard", "data.skip_corrupt",
+               "model.grad_checkpointing"}
 
 
 def _flatten(d, prefix=""):

@@ -1,6 +1,14 @@
 """Evaluation: top-1 accuracy of image towers on a task's evaluation sets, and of a saved run's
 last, BMA and best towers (`python -m alignclip eval`), with nothing but the checkpoint and
-the data: no optimizer, no BMA update, no data set written, no text encoder run."""
+the data: no optimizer, no BMA update, no data set written, no text encoder run.
+
+An `Evaluator` keeps one loader per evaluation set for the whole run (persistent workers,
+pinned batches) and runs every tower it is given on each batch, so an image is decoded once
+for the last, BMA and best towers; accuracies it already knows (the last tower's validation at
+the final step, the best tower's) are not computed again. Correct counts stay on the device:
+one host read per set, none per batch. Towers run in the training dtype (bf16 autocast on CUDA)
+through the fused attention.
+"""
 import copy
 import os
 import warnings
@@ -10,13 +18,13 @@ import torch
 from .checkpoint import RunError, load, load_weights
 from .clip import build_architecture
 from .config import from_dict
-from .data import SampleDataset, build_task, eval_transform
+from .data import DeviceBatches, build_task, eval_loader, worker_count
 from .data.samples import CorruptImageError
 from .model import AlignCLIPVisual
 
 
 def transforms_kind(cfg, task):
-    """The transforms a run uses: the config's choice, or the authors' for the data (auto)."""
+    """The preprocessing a run uses: the config's choice, or the authors' for the data (auto)."""
     return task.transforms if cfg.data.transforms == "auto" else cfg.data.transforms
 
 
@@ -25,30 +33,49 @@ def image_size(visual):
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
-@torch.no_grad()
-def accuracy(visual, eval_set, text, cfg, task, size, device):
-    """Top-1 accuracy (%) of `visual`'s normalised CLS features against `text` [K, E]; None,
-    with a warning, for an empty evaluation set."""
-    if not eval_set.samples:
-        warnings.warn("an evaluation set is empty: its accuracy is reported as null", stacklevel=2)
-        return None
-    encoder = AlignCLIPVisual(visual, dual_layers=0, aal_layers=())
-    loader = torch.utils.data.DataLoader(
-        SampleDataset(eval_set.samples, eval_transform(transforms_kind(cfg, task), size),
-                      cfg.data.skip_corrupt),
-        batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers)
-    correct = 0
-    for images, labels in loader:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats = encoder.encode_image(images.to(device)).float()
-        correct += int(((feats @ text.T).argmax(1).cpu() == labels).sum())
-    return 100.0 * correct / len(eval_set.samples)
+class Evaluator:
+    """Accuracies (%) of towers on `task.eval_sets`, each text [K, E] in `text[name]`."""
 
+    def __init__(self, task, text, cfg, size, device):
+        self.task, self.text, self.cfg, self.size, self.device = task, text, cfg, size, device
+        self.kind = transforms_kind(cfg, task)
+        self.workers = worker_count(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.loaders = {}
 
-def evaluate_towers(towers, task, text, cfg, size, device):
-    """{tower name: {eval set name: accuracy}}."""
-    return {tag: {name: accuracy(tower, es, text[name], cfg, task, size, device)
-                  for name, es in task.eval_sets.items()} for tag, tower in towers.items()}
+    def _batches(self, name):
+        if name not in self.loaders:
+            self.loaders[name] = eval_loader(self.task.eval_sets[name].samples, self.kind, self.size,
+                                             batch_size=self.cfg.train.eval_batch_size, workers=self.workers,
+                                             device=self.device, skip_corrupt=self.cfg.data.skip_corrupt)
+        return DeviceBatches(self.loaders[name], self.kind, self.size, self.device)
+
+    @torch.no_grad()
+    def accuracies(self, towers, name):
+        """{tower name: accuracy on set `name`}; None, with a warning, for an empty set."""
+        samples = self.task.eval_sets[name].samples
+        if not samples:
+            warnings.warn(f"evaluation set {name} is empty: its accuracy is reported as null", stacklevel=2)
+            return {tag: None for tag in towers}
+        encoders = {tag: AlignCLIPVisual(t, dual_layers=0, aal_layers=()) for tag, t in towers.items()}
+        correct = torch.zeros(len(towers), dtype=torch.int64, device=self.device)
+        text = self.text[name]
+        for images, labels in self._batches(name):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                for k, encoder in enumerate(encoders.values()):
+                    feats = encoder.encode_image(images).float()
+                    correct[k] += ((feats @ text.T).argmax(1) == labels).sum()
+        return {tag: 100.0 * c / len(samples) for tag, c in zip(towers, correct.tolist())}
+
+    def evaluate(self, towers, known=None):
+        """{tower: {set: accuracy}} over every set; `known` {(tower, set): accuracy} is reused."""
+        known = known or {}
+        results = {tag: {} for tag in towers}
+        for name in self.task.eval_sets:
+            todo = {tag: t for tag, t in towers.items() if (tag, name) not in known}
+            found = self.accuracies(todo, name) if todo else {}
+            for tag in towers:
+                results[tag][name] = known[(tag, name)] if (tag, name) in known else found[tag]
+        return results
 
 
 def evaluate_checkpoint(checkpoint, cfg=None):
@@ -88,5 +115,5 @@ def _evaluate_checkpoint(checkpoint, cfg):
         load_weights(best, load(best_path, required=("visual",))["visual"], best_path, "best")
         towers["best"] = best
     text = {name: t.to(device) for name, t in state["text"].items()}
-    results = evaluate_towers(towers, task, text, cfg, image_size(visual), device)
+    results = Evaluator(task, text, cfg, image_size(visual), device).evaluate(towers)
     return {"checkpoint": os.path.abspath(checkpoint), "steps": int(state["step"]), **results}

@@ -13,6 +13,12 @@ attention rows. Outputs: `tokens = head(x)` and `tokens_dv = head(x_dv)` for all
 (head = the tower's final norm and projection) and `cls_attn` [L, B, H, N]. With `align=False`
 the original path alone runs, and its CLS token equals the tower's own output.
 
+Activation checkpointing follows the tower's own flag (open_clip's and timm's
+`set_grad_checkpointing`, transformers' `gradient_checkpointing_enable`; or
+`AlignCLIPVisual.set_grad_checkpointing`): each block, both paths and its CLS rows, is then
+recomputed in backward (non-reentrant `torch.utils.checkpoint`), so only the block inputs are
+saved; values and gradients are those of the un-checkpointed model.
+
 The two out_proj products of a dual block are two GEMMs (the second reads the strided dv view
 directly: no copy; the default) or one GEMM over the stacked rows (`out_proj_mode="stacked"`,
 which first copies out and dv into one buffer); the benchmarks compare both.
@@ -21,6 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from alignclip_kernels import fused_alignclip_attention
 
@@ -72,24 +79,35 @@ class AlignCLIPVisual(torch.nn.Module):
             return both[0], both[1]
         return block.ls_1(block.out_proj(out)), block.ls_1(block.out_proj(dv))
 
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute every block in backward (sets the tower's own flag, which is what is read)."""
+        self.tower.set_grad_checkpointing(enable)
+
+    def _block(self, block, x, x_dv, dual, probe):
+        """One block on both paths: (x, x_dv, CLS rows or None)."""
+        if dual and x_dv is None:
+            x_dv = x
+        q, k, v = block.attention_inputs(x)
+        out, dv, cls_attn = self.attention(q, k, v, scale=block.scale, return_dv=dual, return_cls_attn=probe)
+        attn_out, dv_out = self._out_proj(block, out, dv)
+        if dv_out is not None:
+            x_dv = x_dv + dv_out
+        x = x + attn_out
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, x_dv, cls_attn
+
     def forward(self, images, align=True):
         """`VisualOutput(tokens, tokens_dv, cls_attn)`; with `align=False` the original path only."""
         x = self.tower.embed(images)
         x_dv = None
         rows = []
+        recompute = torch.is_grad_enabled() and self.tower.grad_checkpointing
         for i, block in enumerate(self.tower.blocks):
-            dual = align and i >= self.dual_start
-            probe = align and i in self.aal_layers
-            if dual and x_dv is None:
-                x_dv = x
-            q, k, v = block.attention_inputs(x)
-            out, dv, cls_attn = self.attention(q, k, v, scale=block.scale, return_dv=dual,
-                                               return_cls_attn=probe)
-            attn_out, dv_out = self._out_proj(block, out, dv)
-            if dv_out is not None:
-                x_dv = x_dv + dv_out
-            x = x + attn_out
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+            args = (block, x, x_dv, align and i >= self.dual_start, align and i in self.aal_layers)
+            if recompute:
+                x, x_dv, cls_attn = checkpoint(self._block, *args, use_reentrant=False)
+            else:
+                x, x_dv, cls_attn = self._block(*args)
             if cls_attn is not None:
                 rows.append(cls_attn)
         tokens = self.tower.head(x)

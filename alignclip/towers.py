@@ -71,6 +71,14 @@ class Tower:
         """The tower's own image features (the CLS token through its head)."""
         raise NotImplementedError
 
+    @property
+    def grad_checkpointing(self):
+        """The tower's own activation-checkpointing flag (`set_grad_checkpointing` and the like)."""
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable=True):
+        raise NotImplementedError
+
 
 def _linear_qkv(weight, bias):
     return lambda h: F.linear(h, weight, bias)
@@ -140,6 +148,13 @@ class OpenCLIPTower(Tower):
     def forward(self, images):
         return self.visual(images)
 
+    @property
+    def grad_checkpointing(self):
+        return bool(getattr(self.visual.transformer, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable=True):
+        self.visual.set_grad_checkpointing(enable)
+
 
 class TimmTower(Tower):
     kind = "timm"
@@ -181,6 +196,13 @@ class TimmTower(Tower):
     def forward(self, images):
         return self.model(images)
 
+    @property
+    def grad_checkpointing(self):
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable=True):
+        self.model.set_grad_checkpointing(enable)
+
 
 class HFCLIPTower(Tower):
     kind = "hf"
@@ -207,6 +229,16 @@ class HFCLIPTower(Tower):
     def forward(self, images):
         out = self.model(pixel_values=images)
         return out.image_embeds if self.projection is not None else out.pooler_output
+
+    @property
+    def grad_checkpointing(self):
+        return bool(getattr(self.core.encoder, "gradient_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable=True):
+        if enable:
+            self.model.gradient_checkpointing_enable()
+        else:
+            self.model.gradient_checkpointing_disable()
 
 
 def tower_for(visual):

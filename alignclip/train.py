@@ -6,9 +6,14 @@ on the CPU), the model in eval mode while training as the authors do, BMA after 
 source domains' validation accuracy after every epoch (the best epoch's tower is kept). Under
 `torchrun` the same command trains with DistributedDataParallel: each rank takes its share of
 every domain's batch, losses are logged as the mean over ranks, rank 0 writes.
+
+The loop never waits for the device: the finiteness of the loss terms and gradient and the
+logged window means are read a step late (`lagged.py`), and always before a checkpoint is
+written or the model evaluated, so a non-finite step still stops the run before it is saved.
 """
 import copy
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,16 +26,17 @@ from .bma import BetaMovingAverage
 from .checkpoint import FORMAT, RunError, load, load_weights, rng_state, save_atomic, set_rng_state
 from .clip import build_clip, check_model, logit_scale
 from .config import RunConfig
-from .data import SampleDataset, StepBatches, build_task, train_transform, write_synthetic
+from .data import DeviceBatches, build_task, train_loader, worker_count, write_synthetic
 from .data.samples import CorruptImageError
-from .evaluate import accuracy, evaluate_towers, image_size, transforms_kind
+from .evaluate import Evaluator, image_size, transforms_kind
+from .lagged import LaggedReads
 from .losses import AlignCLIPLoss
 from .model import AlignCLIPVisual
 from .run import RunFolder, Stopped, StopSignals
 from .text import class_text_features
 from .visualize import attention_snapshot, save_attention_figure
 
-LOGGED = ("total", "sls", "aal", "sim_align")
+LOGGED = ("total", "sls", "aal", "sim_align", "train_acc")   # window means
 CHECKED = ("sls", "aal", "sim_align", "total")   # the term that went bad is named before the sum
 
 
@@ -40,6 +46,8 @@ class Progress:
     best_val: float = -1.0
     best_epoch: Optional[int] = None
     train_seconds: float = 0.0
+    last_val: Optional[float] = None      # the last tower's validation accuracy at last_val_step
+    last_val_step: int = -1
 
 
 def data_config(cfg, ddp):
@@ -58,40 +66,36 @@ def data_config(cfg, ddp):
 
 
 def step_batches(task, cfg, size, start, stop, ddp, device):
-    """(images, labels) for steps start..stop-1: one batch from every training domain, labels
-    checked on the host before they move to the device."""
+    """(images, labels) on the device for steps start..stop-1: one batch from every training
+    domain per step, through one DataLoader (`data/pipeline.py`)."""
     dc = cfg.data
     if dc.batch_size % ddp.world:
         raise RunError(f"data.batch_size {dc.batch_size} must divide by the {ddp.world} ranks")
-    transform = train_transform(transforms_kind(cfg, task), size)
-    loaders = []
-    for d, samples in enumerate(task.train_domains):
-        sampler = StepBatches(len(samples), dc.batch_size, cfg.seed, d, start, stop, ddp.rank, ddp.world)
-        loaders.append(torch.utils.data.DataLoader(
-            SampleDataset(samples, transform, dc.skip_corrupt), batch_sampler=sampler,
-            num_workers=dc.num_workers, pin_memory=device.type == "cuda"))
-    for parts in zip(*loaders):
-        labels = torch.cat([p[1] for p in parts])
-        if labels.min() < 0 or labels.max() >= len(task.classnames):
-            raise RunError(f"a training label lies outside [0, {len(task.classnames)})")
-        yield (torch.cat([p[0] for p in parts]).to(device, non_blocking=True),
-               labels.to(device, non_blocking=True))
+    kind = transforms_kind(cfg, task)
+    workers = worker_count(dc.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    loader = train_loader(task.train_domains, kind, size, batch_size=dc.batch_size, seed=cfg.seed, start=start,
+                          stop=stop, workers=workers, device=device, skip_corrupt=dc.skip_corrupt,
+                          rank=ddp.rank, world=ddp.world)
+    return DeviceBatches(loader, kind, size, device, num_classes=len(task.classnames))
 
 
-def check_finite(terms, visual, step, checkpoint):
-    """One host sync per step: the loss terms and the gradient norm checked together."""
+def finiteness(terms, visual):
+    """The checked loss terms and the gradient norm, one device tensor (read a step late)."""
     values = [getattr(terms, name).detach().float() for name in CHECKED]
     grads = [p.grad for p in visual.parameters() if p.grad is not None]
     if grads:
         values.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float())
-    finite = torch.isfinite(torch.stack(values)).tolist()
+    return torch.stack(values)
+
+
+def check_finite(read, checkpoint):
     kept = (f"the last checkpoint ({checkpoint}) is kept" if os.path.exists(checkpoint)
             else "no checkpoint was written yet")
-    for name, value, ok in zip(CHECKED, values, finite):
-        if not ok:
-            raise RunError(f"step {step}: loss term {name} is not finite ({value.item()}); {kept}")
-    if not all(finite):
-        raise RunError(f"step {step}: the gradient is not finite (the loss terms were finite); {kept}")
+    for name, value in zip(CHECKED, read.values):
+        if not math.isfinite(value):
+            raise RunError(f"step {read.step}: loss term {name} is not finite ({value}); {kept}")
+    if not all(math.isfinite(v) for v in read.values):
+        raise RunError(f"step {read.step}: the gradient is not finite (the loss terms were finite); {kept}")
 
 
 def text_tower_state(clip, cfg):
@@ -143,6 +147,8 @@ def _train(cfg, max_steps, resume, overwrite, echo):
         text[name] = class_text_features(clip, tokenizer, eval_set.classnames, template, device)
     model = AlignCLIPVisual(visual, dual_layers=cfg.model.dual_layers, aal_layers=cfg.model.aal_layers,
                             out_proj_mode=cfg.model.out_proj_mode)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     lc = cfg.loss
     criterion = AlignCLIPLoss(text["train"], alpha=lc.alpha, epsilon=lc.epsilon,
                               logit_scale=lc.logit_scale or logit_scale(clip), smoothing=lc.smoothing,
@@ -200,53 +206,88 @@ def _train(cfg, max_steps, resume, overwrite, echo):
     stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
     tb = tensorboard_writer(cfg, folder, ddp, echo)
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    evaluator = Evaluator(task, text, cfg, size, device)
+    lagged = LaggedReads(device)
+    batches = step_batches(task, cfg, size, progress.step, stop, ddp, device)
+    window, window_steps, logged = None, 0, {}
+
+    def consume(reads):
+        for read in reads:
+            if read.tag == "finite":
+                check_finite(read, folder.last)
+                continue
+            row = {"step": read.step, **dict(zip(LOGGED, read.values)), **logged.pop(read.step)}
+            if ddp.main:
+                folder.log(row)
+                if tb:
+                    for key in (*LOGGED, "lr", "images_per_s", "data_wait"):
+                        tb.add_scalar(f"train/{key}", row[key], read.step)
+
     with StopSignals() as signals:
-        for images, labels in step_batches(task, cfg, size, progress.step, stop, ddp, device):
-            started = time.perf_counter()
+        clock, wait_mark, window_start = time.perf_counter(), batches.wait, time.perf_counter()
+        for images, labels in batches:
             with torch.autocast(**amp):
                 terms = forward(images, labels)
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
-            check_finite(terms, visual, progress.step + 1, folder.last)
+            lagged.push("finite", progress.step + 1, finiteness(terms, visual))
             optimizer.step()
             scheduler.step()
             bma.update()
             progress.step += 1
-            progress.train_seconds += time.perf_counter() - started
+            now = time.perf_counter()
+            progress.train_seconds += now - clock
+            clock = now
+            accuracy = (terms.logits.detach().argmax(-1) == labels).float().mean()
+            values = torch.stack([*(getattr(terms, k).detach().float() for k in LOGGED[:-1]), accuracy])
+            window = values if window is None else window + values
+            window_steps += 1
 
             if progress.step % cfg.train.log_every == 0 or progress.step == stop:
-                means = ddp.mean(torch.stack([getattr(terms, k).detach().float() for k in LOGGED]))
-                row = {"step": progress.step, **dict(zip(LOGGED, means.tolist())),
-                       "lr": scheduler.get_last_lr()[0], "seconds": round(progress.train_seconds, 3)}
-                if ddp.main:
-                    folder.log(row)
-                    if tb:
-                        for key in (*LOGGED, "lr"):
-                            tb.add_scalar(f"train/{key}", row[key], progress.step)
+                seconds = max(now - window_start, 1e-9)
+                logged[progress.step] = {
+                    "lr": scheduler.get_last_lr()[0], "seconds": round(progress.train_seconds, 3),
+                    "images_per_s": window_steps * cfg.data.batch_size * len(task.train_domains) / seconds,
+                    "data_wait": min(1.0, (batches.wait - wait_mark) / seconds)}
+                lagged.push("log", progress.step, ddp.mean(window / window_steps))
+                window, window_steps, wait_mark, window_start = None, 0, batches.wait, now
+            consume(lagged.ready())
             if cfg.train.select_best and progress.step % cfg.train.iters_per_epoch == 0:
+                consume(lagged.flush())
                 if ddp.main:
-                    val = accuracy(visual, task.eval_sets["val"], text["val"], cfg, task, size, device)
+                    val = evaluator.accuracies({"last": visual}, "val")["last"]
+                    progress.last_val, progress.last_val_step = val, progress.step
                     if val is not None and val > progress.best_val:
                         progress.best_val = val
                         progress.best_epoch = progress.step // cfg.train.iters_per_epoch
                         save_atomic({"visual": visual.state_dict(), "epoch": progress.best_epoch,
                                      "step": progress.step, "val": val}, folder.best)
                 ddp.barrier()
+                clock = window_start = time.perf_counter()
             if signals.received:
+                consume(lagged.flush())
                 save()
                 raise Stopped(signals.received, progress.step, folder.last)
             if progress.step % cfg.train.checkpoint_every == 0 and progress.step < stop:
+                consume(lagged.flush())
                 save()
+                clock = window_start = time.perf_counter()
+    consume(lagged.flush())
     save()
 
-    # -- evaluation ------------------------------------------------------------------------------
+    # -- evaluation: each image decoded once for every tower, no pass made twice ----------------
     summary = None
     if ddp.main:
         towers = {"last": visual, "bma": bma.module}
+        known = {}
+        if progress.last_val_step == progress.step:
+            known[("last", "val")] = progress.last_val
         if os.path.exists(folder.best):
+            best = load(folder.best, map_location=device, required=("visual",))
             towers["best"] = copy.deepcopy(bma.module)
-            towers["best"].load_state_dict(load(folder.best, map_location=device, required=("visual",))["visual"])
-        results = evaluate_towers(towers, task, text, cfg, size, device)
+            towers["best"].load_state_dict(best["visual"])
+            known[("best", "val")] = best.get("val")
+        results = evaluator.evaluate(towers, known)
         summary = {"num_classes": len(task.classnames), "steps": progress.step,
                    "seconds_per_step": progress.train_seconds / max(progress.step, 1),
                    "best_epoch": progress.best_epoch, **results}

@@ -7,7 +7,8 @@ import torch
 
 from alignclip_kernels import token_text_target
 
-from .data import SampleDataset, eval_transform, normalization
+from .data import preprocessing
+from .data.pipeline import load_images
 
 
 @torch.no_grad()
@@ -35,9 +36,8 @@ def attention_snapshot(model, task, cfg, text, size, device):
         by_class.setdefault(s.label, []).append(i)
     queues = list(by_class.values())
     picks = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)][:n]
-    dataset = SampleDataset(eval_set.samples, eval_transform(transforms_kind(cfg, task), size),
-                            cfg.data.skip_corrupt)
-    images = torch.stack([dataset[i][0] for i in picks]).to(device)
+    images = load_images([eval_set.samples[i] for i in picks], transforms_kind(cfg, task), size, device,
+                         cfg.data.skip_corrupt)
     labels = torch.tensor([eval_set.samples[i].label for i in picks], device=device)
     attn, target = attention_maps(model, images, labels, text, cfg.loss.temperature)
     return {"images": images.cpu(), "attn": attn, "target": target}
@@ -47,7 +47,8 @@ def save_attention_figure(path, before, after, transforms):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    mean, std = (torch.tensor(x).view(3, 1, 1) for x in normalization(transforms))
+    spec = preprocessing(transforms)
+    mean, std = (torch.tensor(x).view(3, 1, 1) for x in (spec.mean, spec.std))
     columns = [("image", None), ("attention before", before["attn"]), ("G before", before["target"]),
                ("attention after", after["attn"]), ("G after", after["target"])]
     images = before["images"]

@@ -78,7 +78,7 @@ def test_domain_shift_task_tests_on_the_targets_holdout(synthetic):
     task = build_task(_data(synthetic), "domain_shift", seed=0)
     assert len(task.train_domains) == 2 and len(task.classnames) == 4
     assert len(task.eval_sets["val"].samples) == 16 and len(task.eval_sets["test"].samples) == 8
-    assert task.template == "a photo of a {}." and task.transforms == "domainbed"
+    assert task.template == "a photo of a {}." and task.transforms == "alignclip"
 
 
 def test_in_the_wild_base_is_floor_half_and_tests_on_the_whole_target(synthetic):

@@ -55,7 +55,9 @@ def test_cli_run_writes_every_output(finished_run):
     out = base / "out"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
-    assert set(rows[0]) == {"step", "total", "sls", "aal", "sim_align", "lr", "seconds"}
+    assert set(rows[0]) == {"step", "total", "sls", "aal", "sim_align", "train_acc", "lr", "seconds",
+                            "images_per_s", "data_wait"}
+    assert all(0 <= r["train_acc"] <= 1 and r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in rows)
     ckpt = _ckpt(out / "checkpoints" / "last.pt")
     assert ckpt["step"] == 6 and set(ckpt["text"]) == {"train", "val", "test"}
     assert ckpt["text_tower"] is not None        # random-init text tower travels with the run
@@ -333,11 +335,12 @@ def test_sweep_runs_every_target_and_seed_with_the_baseline(tmp_path, torch_path
     assert RunFolder(str(tmp_path / "sweep" / "alignclip" / "target2-seed0")).holds_run()
 
 
-def test_an_empty_evaluation_set_is_reported_as_null_with_a_warning():
-    from alignclip.data.tasks import EvalSet
-    from alignclip.evaluate import accuracy
+def test_an_empty_evaluation_set_is_reported_as_null_with_a_warning(tmp_path):
+    from alignclip.data.tasks import EvalSet, Task
+    from alignclip.evaluate import Evaluator
 
-    with pytest.warns(UserWarning, match="evaluation set is empty"):
-        got = accuracy(visual=None, eval_set=EvalSet([], ["a", "b"]), text=torch.eye(2), cfg=None,
-                       task=None, size=32, device=torch.device("cpu"))
-    assert got is None
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out")
+    task = Task(["a", "b"], [], [], {"val": EvalSet([], ["a", "b"])}, "{}", "alignclip")
+    evaluator = Evaluator(task, {"val": torch.eye(2)}, cfg, 32, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="evaluation set val is empty"):
+        assert evaluator.accuracies({"last": None, "bma": None}, "val") == {"last": None, "bma": None}

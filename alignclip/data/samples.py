@@ -1,5 +1,4 @@
-"""Image samples, loading with clear errors, the two papers' transforms and the step-indexed
-batch order.
+"""Image samples, loading with clear errors and the step-indexed batch order.
 
 The order of training batches is a pure function of (seed, domain, step): each domain's stream
 is a concatenation of seeded permutations, and step t takes items [t·bs, (t+1)·bs). Each item's
@@ -9,17 +8,11 @@ distributed run takes every world-th item of each batch.
 """
 import hashlib
 import os
-import warnings
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # torchvision's ImageFolder extensions, compared case-insensitively as it does
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -48,41 +41,6 @@ def seed_hash(*parts):
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def train_transform(kind, size):
-    """DomainBed's augmentation (its data sets) or CoOp's (its data sets)."""
-    if kind == "domainbed":
-        return T.Compose([
-            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-            T.RandomGrayscale(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.7, 1.0), interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
-
-
-def eval_transform(kind, size):
-    if kind == "domainbed":
-        return T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
-
-
-def normalization(kind):
-    """(mean, std) the transforms of `kind` normalise with (the attention figure undoes it)."""
-    return (IMAGENET_MEAN, IMAGENET_STD) if kind == "domainbed" else (CLIP_MEAN, CLIP_STD)
-
-
 def load_rgb(path):
     try:
         with Image.open(path) as img:
@@ -90,43 +48,6 @@ def load_rgb(path):
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise CorruptImageError(f"corrupt image: {path} ({type(exc).__name__}: {exc}); set "
                                 "data.skip_corrupt=true to skip unreadable images") from None
-
-
-class SampleDataset(torch.utils.data.Dataset):
-    """Items are indices (evaluation) or (index, seed) pairs (training, seeded augmentation).
-
-    With `skip_corrupt`, an unreadable image is replaced by the next readable one, with a
-    warning naming it; otherwise it raises `CorruptImageError` naming the file.
-    """
-
-    def __init__(self, samples: List[Sample], transform, skip_corrupt=False):
-        self.samples = list(samples)
-        self.transform = transform
-        self.skip_corrupt = skip_corrupt
-
-    def __len__(self):
-        return len(self.samples)
-
-    def _load(self, index):
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return load_rgb(sample.path), sample.label
-            except CorruptImageError as exc:
-                if not self.skip_corrupt:
-                    raise
-                warnings.warn(f"skipping {str(exc).split('; set')[0]}", stacklevel=2)
-        raise CorruptImageError(f"corrupt image: every image of this split is unreadable "
-                                f"(first: {self.samples[0].path})")
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        img, label = self._load(index)
-        if seed is None:
-            return self.transform(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img), label
 
 
 class StepBatches(torch.utils.data.Sampler):

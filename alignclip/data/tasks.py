@@ -33,7 +33,7 @@ class Task:
     domain_names: List[str]
     eval_sets: Dict[str, EvalSet]
     template: str                          # the data set's prompt
-    transforms: str                        # domainbed | coop: the authors' choice for this data
+    transforms: str                        # alignclip | coop: the authors' preprocessing for this data
 
 
 def _targets(targets, domains):
@@ -81,7 +81,7 @@ def _domain_shift(data, domains, classes, samples, targets):
     return Task(classes, [parts[i][0] for i in sources], [domains[i] for i in sources], {
         "val": EvalSet([s for i in sources for s in parts[i][1]], classes),
         "test": EvalSet([s for i in sorted(targets) for s in parts[i][1]], classes),
-    }, domainbed.TEMPLATE, "domainbed")
+    }, domainbed.TEMPLATE, "alignclip")
 
 
 def _in_the_wild(data, domains, classes, samples, targets):
@@ -95,7 +95,7 @@ def _in_the_wild(data, domains, classes, samples, targets):
         "val": EvalSet([s for i in sources for s in splits[i][1]], classes[:m]),
         "test": EvalSet(_keep(whole, base), classes),
         "open": EvalSet(_keep(whole, open_), classes),
-    }, domainbed.TEMPLATE, "domainbed")
+    }, domainbed.TEMPLATE, "alignclip")
 
 
 def build_task(data, task, seed):

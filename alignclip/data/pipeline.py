@@ -1,0 +1,159 @@
+"""The input pipeline: data workers decode and draw, the training device does the pixel work.
+
+A worker decodes each image with PIL exactly as the authors' loader does (`convert("RGB")`),
+draws its crop, flip and jitter parameters from a generator seeded by the item
+(`preprocess.py`), and collates a step's images as they are, uint8, top-left in one
+zero-padded [B, H, W, 3] tensor in shared memory, with a [B, PARAMS] parameter tensor and the
+labels. The main thread only receives that one batch (pinned by the loader's pin thread), copies
+it to the device without blocking and queues `DeviceTransform` (crop, resize, flip, jitter,
+normalise). Measured on 2 CPU cores, decoding is what remains on the workers: PIL's resize and
+`ToTensor` were most of the authors' per-image cost (`python -m alignclip pipeline`).
+
+Training uses one DataLoader for all source domains: `StepSampler` yields a step's items of
+every domain (each domain's stream is `StepBatches`: a pure function of seed, domain and step),
+so a resumed run sees the batches an unbroken run sees. Evaluation loaders are built once per
+split and keep their workers (`persistent_workers`).
+"""
+import os
+import time
+import warnings
+from typing import List
+
+import numpy as np
+import torch
+
+from .device_transforms import DeviceTransform
+from .domainbed import DataError
+from .preprocess import PARAMS, eval_params, preprocessing, train_params
+from .samples import CorruptImageError, Sample, StepBatches, load_rgb
+
+
+class ImageItems(torch.utils.data.Dataset):
+    """Items are indices (evaluation) or (index, augmentation seed) pairs (training); each
+    gives (uint8 HWC array, parameter vector, label).
+
+    With `skip_corrupt`, an unreadable image is replaced by the next readable one, with a
+    warning naming it; otherwise it raises `CorruptImageError` naming the file.
+    """
+
+    def __init__(self, samples: List[Sample], kind, size, skip_corrupt=False):
+        self.samples = list(samples)
+        self.spec = preprocessing(kind)
+        self.size = size
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, index):
+        for offset in range(len(self.samples)):
+            sample = self.samples[(index + offset) % len(self.samples)]
+            try:
+                return load_rgb(sample.path), sample.label
+            except CorruptImageError as exc:
+                if not self.skip_corrupt:
+                    raise
+                warnings.warn(f"skipping {str(exc).split('; set')[0]}", stacklevel=2)
+        raise CorruptImageError(f"corrupt image: every image of this split is unreadable "
+                                f"(first: {self.samples[0].path})")
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        img, label = self._load(index)
+        if seed is None:
+            params = eval_params(self.spec, self.size, img.height, img.width)
+        else:
+            params = train_params(self.spec, self.size, img.height, img.width,
+                                  torch.Generator().manual_seed(seed))
+        return np.asarray(img), params, label
+
+
+def collate(items):
+    """(uint8 [B, H, W, 3] zero-padded, float32 [B, PARAMS], int64 [B]); in a worker the image
+    tensor is allocated in shared memory, so the batch crosses to the main process uncopied."""
+    height = max(a.shape[0] for a, _, _ in items)
+    width = max(a.shape[1] for a, _, _ in items)
+    images = torch.zeros(len(items), height, width, 3, dtype=torch.uint8)
+    if torch.utils.data.get_worker_info() is not None:
+        images.share_memory_()
+    view = images.numpy()
+    for k, (array, _, _) in enumerate(items):
+        view[k, :array.shape[0], :array.shape[1]] = array
+    params = torch.stack([p for _, p, _ in items]) if items else torch.empty(0, PARAMS)
+    labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
+    return images, params, labels
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Steps start..stop-1: each step's batch of every domain, domains in order, as one list of
+    (index into the concatenated domains, augmentation seed)."""
+
+    def __init__(self, sizes, batch_size, seed, start, stop, rank=0, world=1):
+        self.streams = [StepBatches(n, batch_size, seed, d, start, stop, rank, world) for d, n in enumerate(sizes)]
+        self.offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield [(offset + i, s) for offset, stream in zip(self.offsets, self.streams) for i, s in stream.batch(step)]
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def worker_count(requested, local_world=1):
+    """data.num_workers, or (null) the cores this process may use, shared by the ranks of this
+    machine, less one for the main thread; at most 16."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(16, cores // max(local_world, 1) - 1))
+
+
+def _loader(dataset, workers, device, **kw):
+    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, collate_fn=collate,
+                                       pin_memory=device.type == "cuda", **extra, **kw)
+
+
+def train_loader(domains, kind, size, *, batch_size, seed, start, stop, workers, device,
+                 skip_corrupt=False, rank=0, world=1):
+    items = ImageItems([s for d in domains for s in d], kind, size, skip_corrupt)
+    sampler = StepSampler([len(d) for d in domains], batch_size, seed, start, stop, rank, world)
+    return _loader(items, workers, device, batch_sampler=sampler)
+
+
+def eval_loader(samples, kind, size, *, batch_size, workers, device, skip_corrupt=False):
+    return _loader(ImageItems(samples, kind, size, skip_corrupt), workers, device, batch_size=batch_size)
+
+
+class DeviceBatches:
+    """Iterates a loader's batches as (normalised images, labels) on `device`; `wait` adds up
+    the seconds the main thread spent waiting for the workers."""
+
+    def __init__(self, loader, kind, size, device, num_classes=None):
+        self.loader, self.device, self.num_classes = loader, device, num_classes
+        self.transform = DeviceTransform(preprocessing(kind), size, device)
+        self.wait = 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            started = time.perf_counter()
+            try:
+                images, params, labels = next(batches)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - started
+            if self.num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise DataError(f"a training label lies outside [0, {self.num_classes})")
+            images = images.to(self.device, non_blocking=True)
+            params = params.to(self.device, non_blocking=True)
+            yield self.transform(images, params), labels.to(self.device, non_blocking=True)
+
+
+def load_images(samples, kind, size, device, skip_corrupt=False):
+    """A few evaluation images as one normalised batch on `device` (the attention figure)."""
+    items = ImageItems(samples, kind, size, skip_corrupt)
+    images, params, _ = collate([items[i] for i in range(len(items))])
+    return DeviceTransform(preprocessing(kind), size, device)(images.to(device), params.to(device))
