@@ -1,4 +1,4 @@
-"""`python -m alignclip train | eval | config | sweep | export`: the training package's command line.
+"""`python -m alignclip train | eval | config | sweep | pipeline | export`: the training package's command line.
 
 Every user mistake ends in one `error:` line and exit status 2; a run stopped by SIGTERM or
 SIGINT saves a checkpoint, says how to resume and exits with 128 + the signal number.
@@ -50,6 +50,14 @@ def _parser():
     sw.add_argument("--output-dir")
     overrides(sw)
 
+    pl = sub.add_parser("pipeline", help="images/s the training input pipeline delivers here, beside the "
+                                         "authors' Compose, and the cores an H200 would need")
+    pl.add_argument("--config", required=True)
+    pl.add_argument("--steps", type=int, default=20, help="training steps to time (the first is a warm-up)")
+    pl.add_argument("--workers", type=int, help="data workers for the in-all figure (default: data.num_workers)")
+    pl.add_argument("--json", help="also write the measurements here")
+    overrides(pl)
+
     ex = sub.add_parser("export", help="write a plain open_clip checkpoint of the whole CLIP")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--weights", choices=["bma", "last", "best"], default="bma")
@@ -61,7 +69,24 @@ def _run(args):
     from .run import Stopped, resume_command
 
     if args.command == "config":
-        print(load_config(args.config, args.set).to_yaml(), end="")
+        from .config import resolved_transforms
+
+        cfg = load_config(args.config, args.set)
+        print(cfg.to_yaml(), end="")
+        if cfg.data.transforms == "auto":
+            print(f"# data.transforms auto resolves to {resolved_transforms(cfg)} (the authors' "
+                  f"preprocessing for {'CoOp' if cfg.task == 'open_class' else 'DomainBed'} data)")
+        return 0
+    if args.command == "pipeline":
+        from .throughput import measure, report
+
+        if args.steps < 2:
+            raise ConfigError("--steps must be >= 2 (the first step is a warm-up)")
+        result = measure(load_config(args.config, args.set), steps=args.steps, workers=args.workers)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        print(report(result))
         return 0
     if args.command == "export":
         from .export import export

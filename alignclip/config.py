@@ -180,6 +180,14 @@ def _check_range(name, value, ok, expected):
         raise ConfigError(f"config key {name} must be {expected}, got {value!r}")
 
 
+def resolved_transforms(cfg):
+    """`data.transforms`, with auto resolved to the authors' choice for the task's data: their
+    preprocessing (alignclip) for DomainBed data, CoOp's (coop) for the open-class data sets."""
+    if cfg.data.transforms != "auto":
+        return cfg.data.transforms
+    return "coop" if cfg.task == "open_class" else "alignclip"
+
+
 def validate(cfg):
     """Every value in range, before any work: one ConfigError naming the first bad key."""
     finite = math.isfinite

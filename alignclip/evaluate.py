@@ -17,15 +17,10 @@ import torch
 
 from .checkpoint import RunError, load, load_weights
 from .clip import build_architecture
-from .config import from_dict
+from .config import from_dict, resolved_transforms
 from .data import DeviceBatches, build_task, eval_loader, worker_count
 from .data.samples import CorruptImageError
 from .model import AlignCLIPVisual
-
-
-def transforms_kind(cfg, task):
-    """The preprocessing a run uses: the config's choice, or the authors' for the data (auto)."""
-    return task.transforms if cfg.data.transforms == "auto" else cfg.data.transforms
 
 
 def image_size(visual):
@@ -38,7 +33,7 @@ class Evaluator:
 
     def __init__(self, task, text, cfg, size, device):
         self.task, self.text, self.cfg, self.size, self.device = task, text, cfg, size, device
-        self.kind = transforms_kind(cfg, task)
+        self.kind = resolved_transforms(cfg)
         self.workers = worker_count(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self.loaders = {}
 

@@ -25,10 +25,10 @@ from . import distributed
 from .bma import BetaMovingAverage
 from .checkpoint import FORMAT, RunError, load, load_weights, rng_state, save_atomic, set_rng_state
 from .clip import build_clip, check_model, logit_scale
-from .config import RunConfig
+from .config import RunConfig, resolved_transforms
 from .data import DeviceBatches, build_task, train_loader, worker_count, write_synthetic
 from .data.samples import CorruptImageError
-from .evaluate import Evaluator, image_size, transforms_kind
+from .evaluate import Evaluator, image_size
 from .lagged import LaggedReads
 from .losses import AlignCLIPLoss
 from .model import AlignCLIPVisual
@@ -71,7 +71,7 @@ def step_batches(task, cfg, size, start, stop, ddp, device):
     dc = cfg.data
     if dc.batch_size % ddp.world:
         raise RunError(f"data.batch_size {dc.batch_size} must divide by the {ddp.world} ranks")
-    kind = transforms_kind(cfg, task)
+    kind = resolved_transforms(cfg)
     workers = worker_count(dc.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     loader = train_loader(task.train_domains, kind, size, batch_size=dc.batch_size, seed=cfg.seed, start=start,
                           stop=stop, workers=workers, device=device, skip_corrupt=dc.skip_corrupt,
@@ -296,7 +296,7 @@ def _train(cfg, max_steps, resume, overwrite, echo):
             before = load(folder.before, required=("images",))
             after = attention_snapshot(model, task, cfg, text["train"], size, device)
             save_attention_figure(os.path.join(cfg.output_dir, "attention.png"), before, after,
-                                  transforms_kind(cfg, task))
+                                  resolved_transforms(cfg))
         if tb:
             for tag, accs in results.items():
                 for name, acc in accs.items():

@@ -7,6 +7,7 @@ import torch
 
 from alignclip_kernels import token_text_target
 
+from .config import resolved_transforms
 from .data import preprocessing
 from .data.pipeline import load_images
 
@@ -25,8 +26,6 @@ def attention_maps(model, images, labels, text, temperature):
 
 def attention_snapshot(model, task, cfg, text, size, device):
     """CLS attention and target G for a few validation images, one class after another."""
-    from .evaluate import transforms_kind
-
     eval_set = task.eval_sets["val"]   # labelled with the training classes in every task
     n = cfg.train.attention_images
     if not eval_set.samples or n == 0 or not model.aal_layers:
@@ -36,7 +35,7 @@ def attention_snapshot(model, task, cfg, text, size, device):
         by_class.setdefault(s.label, []).append(i)
     queues = list(by_class.values())
     picks = [q[r] for r in range(max(map(len, queues))) for q in queues if r < len(q)][:n]
-    images = load_images([eval_set.samples[i] for i in picks], transforms_kind(cfg, task), size, device,
+    images = load_images([eval_set.samples[i] for i in picks], resolved_transforms(cfg), size, device,
                          cfg.data.skip_corrupt)
     labels = torch.tensor([eval_set.samples[i].label for i in picks], device=device)
     attn, target = attention_maps(model, images, labels, text, cfg.loss.temperature)

@@ -340,7 +340,7 @@ def test_an_empty_evaluation_set_is_reported_as_null_with_a_warning(tmp_path):
     from alignclip.evaluate import Evaluator
 
     cfg = tiny_config(tmp_path / "data", tmp_path / "out")
-    task = Task(["a", "b"], [], [], {"val": EvalSet([], ["a", "b"])}, "{}", "alignclip")
+    task = Task(["a", "b"], [], [], {"val": EvalSet([], ["a", "b"])}, "{}")
     evaluator = Evaluator(task, {"val": torch.eye(2)}, cfg, 32, torch.device("cpu"))
     with pytest.warns(UserWarning, match="evaluation set val is empty"):
         assert evaluator.accuracies({"last": None, "bma": None}, "val") == {"last": None, "bma": None}

@@ -2,8 +2,8 @@ r"""The image work moved off the data workers onto the training device: crop, re
 colour jitter, grayscale and normalisation of a whole uint8 batch, per-sample parameters
 (`preprocess.py`'s vector) in one tensor, no host sync.
 
-Resize is PIL's bilinear resampling written as two matrix products. For one axis, an output
-pixel o of a crop [a, a + n) resized to m pixels reads input x with weight
+Resize is PIL's bilinear resampling, separable and banded: per axis a gather of K taps. For one
+axis, an output pixel o of a crop [a, a + n) resized to m pixels reads input x with weight
 
     w(o, x) = tri((x - a + 0.5 - c_o) / f) / Σ_x tri(...),   c_o = (o + 0.5) · n / m,
     tri(t) = max(0, 1 - |t|),  f = max(n / m, 1)   (antialiasing when shrinking)
@@ -23,63 +23,77 @@ Colour jitter follows torchvision's tensor ColorJitter per image (its order and 
 vector): brightness, contrast and saturation as blends whose identity factor 1 leaves an image
 unchanged exactly, hue through torchvision's own HSV conversion where an image's stage is hue.
 """
+import math
+
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import _functional_tensor as tvf
 
 PRECISION = float(1 << 22)   # PIL's PRECISION_BITS for 8-bit resampling
 HALF = float(1 << 11)
 
 
-def axis_weights(start, length, out_len, window, size, in_len):
-    """[B, size, in_len] float64 resampling weights for one axis, in PIL's fixed point: crop
-    [start, start + length) resized to out_len pixels, output pixels window..window + size - 1.
-    Arguments are [B] tensors (size, in_len: ints)."""
+def axis_taps(start, length, out_len, window, size, in_len):
+    """(index [B, size, K] int64, weight [B, size, K] float64 in PIL's fixed point) of one
+    axis: crop [start, start + length) resized to out_len pixels, output pixels window..window +
+    size - 1. Arguments are [B] tensors (size, in_len: ints). K, the most taps any image of the
+    batch can need, comes from the shapes alone (a crop is never longer than in_len, an output
+    never shorter than size), so no value is read back from the device."""
+    taps = 2 * math.ceil(max(in_len / size, 1.0)) + 1
     f64 = dict(device=start.device, dtype=torch.float64)
-    start, length, out_len, window = (t.to(torch.float64) for t in (start, length, out_len, window))
-    scale = (length / out_len)[:, None, None]
+    start, length, out_len, window = (t.to(torch.float64)[:, None, None] for t in (start, length, out_len, window))
+    scale = length / out_len
     spread = scale.clamp_min(1.0)
-    out = torch.arange(size, **f64)[None, :, None] + window[:, None, None]
-    x = torch.arange(in_len, **f64)[None, None, :] - start[:, None, None]
-    centre = (out + 0.5) * scale
-    w = (1.0 - ((x + 0.5 - centre) / spread).abs()).clamp_min(0.0)
-    w = w * ((x >= 0) & (x < length[:, None, None]))
+    centre = (torch.arange(size, **f64)[None, :, None] + window + 0.5) * scale
+    first = torch.floor(centre - spread + 0.5).clamp_min(0.0)
+    x = first + torch.arange(taps, **f64)[None, None, :]                  # crop coordinates
+    w = (1.0 - ((x + 0.5 - centre) / spread).abs()).clamp_min(0.0) * (x < length)
     w = w / w.sum(-1, keepdim=True)
-    return torch.floor(w * PRECISION + 0.5) / PRECISION
+    index = (x + start).clamp(0, in_len - 1).to(torch.int64)
+    return index, torch.floor(w * PRECISION + 0.5) / PRECISION
 
 
-def _pil_pass(x, weights):
-    """round(x @ weights) as PIL's integer arithmetic gives it, in fp32 matmuls: each 22-bit
-    weight is split into two 11-bit halves, so that every product and partial sum of 8-bit
-    pixels is exact in fp32 whatever the summation order (up to ~24 taps, a 10x shrink)."""
-    high = torch.floor(weights * HALF) / HALF
-    s_high = x @ high.to(torch.float32)
-    s_low = x @ (weights - high).to(torch.float32)
-    t = s_high + 0.5
+def _pil_pass(x, index, weight):
+    """Resample x [B, 3, R, S] along its last axis to [B, 3, R, size] and round as PIL's integer
+    arithmetic does. Each 22-bit weight is split into two 11-bit halves, so every product and
+    partial sum of 8-bit pixels is exact in fp32 (up to ~24 taps, a 10x shrink)."""
+    b, c, r, _ = x.shape
+    size, taps = index.shape[1:]
+    high = torch.floor(weight * HALF) / HALF
+    low = (weight - high).to(torch.float32).permute(2, 0, 1).contiguous()[:, :, None, None, :]
+    high = high.to(torch.float32).permute(2, 0, 1).contiguous()[:, :, None, None, :]
+    index = index.permute(2, 0, 1).contiguous()
+    s_high = torch.zeros(b, c, r, size, device=x.device)
+    s_low = torch.zeros_like(s_high)
+    for k in range(taps):
+        pixels = torch.gather(x, 3, index[k][:, None, None, :].expand(b, c, r, size))
+        s_high.addcmul_(pixels, high[k])
+        s_low.addcmul_(pixels, low[k])
+    t = s_high.add_(0.5)
     whole = torch.floor(t)
     return (whole + torch.floor((t - whole) + s_low)).clamp_(0.0, 255.0)
 
 
 def resample(images, params, size):
-    """uint8 [B, H, W, 3] (each image top-left, any padding) -> float [B, 3, size, size] in
-    0..255, integral: crop, resize and flip exactly as PIL and torchvision do."""
-    b, h, w, _ = images.shape
+    """uint8 [B, 3, H, W] (each image top-left, any padding) -> float [B, 3, size, size] in
+    0..255, integral: crop, resize and flip as PIL and torchvision do. An image whose vertical
+    pass runs first is transposed, so one horizontal-then-vertical pass serves the batch."""
+    b, _, h, w = images.shape
+    side = max(h, w)
     p = params.to(torch.float64)
-    wy = axis_weights(p[:, 0], p[:, 2], p[:, 4], p[:, 6], size, h)
-    wx = axis_weights(p[:, 1], p[:, 3], p[:, 5], p[:, 7], size, w)
-    wx = torch.where(p[:, 8, None, None] > 0.5, wx.flip(1), wx)
-    x = images.permute(0, 3, 1, 2).to(torch.float32)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")   # TF32 would drop the exactness
-    try:
-        horizontal = lambda t: _pil_pass(t, wx.transpose(1, 2)[:, None])
-        vertical = lambda t: _pil_pass(t.transpose(2, 3), wy.transpose(1, 2)[:, None]).transpose(2, 3)
-        h_first = vertical(horizontal(x))
-        v_first = (p[:, 2] > p[:, 4]) & (p[:, 3] < p[:, 5])
-        if images.device.type != "cpu" or bool(v_first.any()):   # a host read only where it is free
-            h_first = torch.where(v_first.view(-1, 1, 1, 1), horizontal(vertical(x)), h_first)
-        return h_first
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    x = F.pad(images.to(torch.float32), (0, side - w, 0, side - h))
+    ys = axis_taps(p[:, 0], p[:, 2], p[:, 4], p[:, 6], size, side)
+    xs = axis_taps(p[:, 1], p[:, 3], p[:, 5], p[:, 7], size, side)
+    flip = (p[:, 8] > 0.5).view(-1, 1, 1)
+    xs = tuple(torch.where(flip, t.flip(1), t) for t in xs)
+    v_first = (p[:, 2] > p[:, 4]) & (p[:, 3] < p[:, 5])
+    swap = v_first.view(-1, 1, 1)
+    first = tuple(torch.where(swap, y, x_) for y, x_ in zip(ys, xs))
+    second = tuple(torch.where(swap, x_, y) for y, x_ in zip(ys, xs))
+    x = torch.where(v_first.view(-1, 1, 1, 1), x.transpose(2, 3), x)
+    x = _pil_pass(x, *first)                                       # [B, 3, side, size]
+    x = _pil_pass(x.transpose(2, 3).contiguous(), *second).transpose(2, 3)
+    return torch.where(v_first.view(-1, 1, 1, 1), x.transpose(2, 3), x).contiguous()
 
 
 def _blend(img, other, ratio):
@@ -106,7 +120,7 @@ def color_jitter(img, params):
 
 
 class DeviceTransform:
-    """(uint8 [B, H, W, 3], params [B, PARAMS]) on the device -> normalised float [B, 3, s, s]."""
+    """(uint8 [B, 3, H, W], params [B, PARAMS]) on the device -> normalised float [B, 3, s, s]."""
 
     def __init__(self, spec, size, device):
         self.spec, self.size = spec, size

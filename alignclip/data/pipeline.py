@@ -1,9 +1,9 @@
 """The input pipeline: data workers decode and draw, the training device does the pixel work.
 
-A worker decodes each image with PIL exactly as the authors' loader does (`convert("RGB")`),
+A worker decodes each image to the pixels the authors' PIL loader gives (`load_pixels`),
 draws its crop, flip and jitter parameters from a generator seeded by the item
 (`preprocess.py`), and collates a step's images as they are, uint8, top-left in one
-zero-padded [B, H, W, 3] tensor in shared memory, with a [B, PARAMS] parameter tensor and the
+zero-padded [B, 3, H, W] tensor in shared memory, with a [B, PARAMS] parameter tensor and the
 labels. The main thread only receives that one batch (pinned by the loader's pin thread), copies
 it to the device without blocking and queues `DeviceTransform` (crop, resize, flip, jitter,
 normalise). Measured on 2 CPU cores, decoding is what remains on the workers: PIL's resize and
@@ -14,7 +14,10 @@ every domain (each domain's stream is `StepBatches`: a pure function of seed, do
 so a resumed run sees the batches an unbroken run sees. Evaluation loaders are built once per
 split and keep their workers (`persistent_workers`).
 """
+import collections
 import os
+import queue
+import threading
 import time
 import warnings
 from typing import List
@@ -25,12 +28,12 @@ import torch
 from .device_transforms import DeviceTransform
 from .domainbed import DataError
 from .preprocess import PARAMS, eval_params, preprocessing, train_params
-from .samples import CorruptImageError, Sample, StepBatches, load_rgb
+from .samples import CorruptImageError, Sample, StepBatches, load_pixels
 
 
 class ImageItems(torch.utils.data.Dataset):
     """Items are indices (evaluation) or (index, augmentation seed) pairs (training); each
-    gives (uint8 HWC array, parameter vector, label).
+    gives (uint8 [3, H, W] pixels, parameter vector, label).
 
     With `skip_corrupt`, an unreadable image is replaced by the next readable one, with a
     warning naming it; otherwise it raises `CorruptImageError` naming the file.
@@ -49,7 +52,7 @@ class ImageItems(torch.utils.data.Dataset):
         for offset in range(len(self.samples)):
             sample = self.samples[(index + offset) % len(self.samples)]
             try:
-                return load_rgb(sample.path), sample.label
+                return load_pixels(sample.path), sample.label
             except CorruptImageError as exc:
                 if not self.skip_corrupt:
                     raise
@@ -59,26 +62,25 @@ class ImageItems(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        img, label = self._load(index)
+        pixels, label = self._load(index)
+        height, width = pixels.shape[1:]
         if seed is None:
-            params = eval_params(self.spec, self.size, img.height, img.width)
+            params = eval_params(self.spec, self.size, height, width)
         else:
-            params = train_params(self.spec, self.size, img.height, img.width,
-                                  torch.Generator().manual_seed(seed))
-        return np.asarray(img), params, label
+            params = train_params(self.spec, self.size, height, width, torch.Generator().manual_seed(seed))
+        return pixels, params, label
 
 
 def collate(items):
-    """(uint8 [B, H, W, 3] zero-padded, float32 [B, PARAMS], int64 [B]); in a worker the image
+    """(uint8 [B, 3, H, W] zero-padded, float32 [B, PARAMS], int64 [B]); in a worker the image
     tensor is allocated in shared memory, so the batch crosses to the main process uncopied."""
-    height = max(a.shape[0] for a, _, _ in items)
-    width = max(a.shape[1] for a, _, _ in items)
-    images = torch.zeros(len(items), height, width, 3, dtype=torch.uint8)
+    height = max(p.shape[1] for p, _, _ in items)
+    width = max(p.shape[2] for p, _, _ in items)
+    images = torch.zeros(len(items), 3, height, width, dtype=torch.uint8)
     if torch.utils.data.get_worker_info() is not None:
         images.share_memory_()
-    view = images.numpy()
-    for k, (array, _, _) in enumerate(items):
-        view[k, :array.shape[0], :array.shape[1]] = array
+    for k, (pixels, _, _) in enumerate(items):
+        images[k, :, :pixels.shape[1], :pixels.shape[2]] = pixels
     params = torch.stack([p for _, p, _ in items]) if items else torch.empty(0, PARAMS)
     labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
     return images, params, labels
@@ -127,6 +129,34 @@ def eval_loader(samples, kind, size, *, batch_size, workers, device, skip_corrup
     return _loader(ImageItems(samples, kind, size, skip_corrupt), workers, device, batch_size=batch_size)
 
 
+def _received(loader, depth=3):
+    """The loader's batches, received on a helper thread: what the loader's pin thread does on
+    CUDA (attaching and later freeing each batch's shared memory, a few ms at B=108), kept off
+    the main thread on the CPU too: the helper holds every batch it handed out until `depth`
+    newer ones followed, so the last reference, and the unmapping, is dropped there. A worker's
+    exception is re-raised here."""
+    out = queue.Queue(maxsize=depth)
+    done = object()
+
+    def receive():
+        handed = collections.deque()
+        try:
+            for batch in loader:
+                out.put(batch)
+                handed.append(batch)
+                if len(handed) > 2 * depth:
+                    handed.popleft()
+        except BaseException as exc:   # noqa: B036 -- handed to the consumer, which re-raises it
+            out.put(exc)
+        out.put(done)
+
+    threading.Thread(target=receive, daemon=True).start()
+    while (item := out.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 class DeviceBatches:
     """Iterates a loader's batches as (normalised images, labels) on `device`; `wait` adds up
     the seconds the main thread spent waiting for the workers."""
@@ -136,8 +166,10 @@ class DeviceBatches:
         self.transform = DeviceTransform(preprocessing(kind), size, device)
         self.wait = 0.0
 
-    def __iter__(self):
-        batches = iter(self.loader)
+    def moved(self):
+        """(uint8 images, params, labels) copied to the device without blocking, untransformed."""
+        off_thread = self.loader.num_workers > 0 and not self.loader.pin_memory
+        batches = _received(self.loader) if off_thread else iter(self.loader)
         while True:
             started = time.perf_counter()
             try:
@@ -147,9 +179,12 @@ class DeviceBatches:
             self.wait += time.perf_counter() - started
             if self.num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise DataError(f"a training label lies outside [0, {self.num_classes})")
-            images = images.to(self.device, non_blocking=True)
-            params = params.to(self.device, non_blocking=True)
-            yield self.transform(images, params), labels.to(self.device, non_blocking=True)
+            yield (images.to(self.device, non_blocking=True), params.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+    def __iter__(self):
+        for images, params, labels in self.moved():
+            yield self.transform(images, params), labels
 
 
 def load_images(samples, kind, size, device, skip_corrupt=False):

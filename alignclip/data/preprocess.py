@@ -20,7 +20,8 @@ factors and the grayscale coin. So for the same seed the draws are the authors' 
 Parameter vector of one image (float32, `PARAMS` entries):
     0-3 crop top, left, height, width (input pixels)   4-5 resized height, width
     6-7 output window top, left in the resized image    8 flip
-    9-12 brightness, contrast, saturation, hue factors  13-16 jitter order   17 grayscale
+    9-12 brightness, contrast, saturation, hue factors  13-16 jitter order (-1: no jitter op)
+    17 grayscale
 """
 import math
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ CROP_SCALE = (0.7, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 PARAMS = 18
 IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)
+NO_JITTER = (-1.0, -1.0, -1.0, -1.0)   # the order of an image that is not jittered
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ def train_params(spec, size, height, width, gen):
     """One training image's parameter vector (module docstring), drawn from `gen`."""
     top, left, h, w = crop_box(gen, height, width)
     flip = float(torch.rand(1, generator=gen).item() < 0.5)
-    factors, order, gray = IDENTITY_JITTER, (0.0, 1.0, 2.0, 3.0), 0.0
+    factors, order, gray = IDENTITY_JITTER, NO_JITTER, 0.0
     if spec.jitter:
         j = spec.jitter
         order = tuple(float(i) for i in torch.randperm(4, generator=gen))
@@ -129,5 +131,5 @@ def eval_params(spec, size, height, width):
     else:
         out_h, out_w = size, int(size * width / height)
     top, left = int(round((out_h - size) / 2.0)), int(round((out_w - size) / 2.0))
-    return torch.tensor([0, 0, height, width, out_h, out_w, top, left, 0, *IDENTITY_JITTER, 0, 1, 2, 3, 0],
+    return torch.tensor([0, 0, height, width, out_h, out_w, top, left, 0, *IDENTITY_JITTER, *NO_JITTER, 0],
                         dtype=torch.float32)

@@ -33,7 +33,6 @@ class Task:
     domain_names: List[str]
     eval_sets: Dict[str, EvalSet]
     template: str                          # the data set's prompt
-    transforms: str                        # alignclip | coop: the authors' preprocessing for this data
 
 
 def _targets(targets, domains):
@@ -71,7 +70,7 @@ def _open_class(data, seed):
         "val": EvalSet(_keep(splits["val"], base), names[:m]),
         "test": EvalSet(_keep(splits["test"], base), names[:m]),
         "open": EvalSet(_keep(splits["test"], new, m), names[m:]),
-    }, coop.template(data.dataset), "coop")
+    }, coop.template(data.dataset))
 
 
 def _domain_shift(data, domains, classes, samples, targets):
@@ -81,7 +80,7 @@ def _domain_shift(data, domains, classes, samples, targets):
     return Task(classes, [parts[i][0] for i in sources], [domains[i] for i in sources], {
         "val": EvalSet([s for i in sources for s in parts[i][1]], classes),
         "test": EvalSet([s for i in sorted(targets) for s in parts[i][1]], classes),
-    }, domainbed.TEMPLATE, "alignclip")
+    }, domainbed.TEMPLATE)
 
 
 def _in_the_wild(data, domains, classes, samples, targets):
@@ -95,7 +94,7 @@ def _in_the_wild(data, domains, classes, samples, targets):
         "val": EvalSet([s for i in sources for s in splits[i][1]], classes[:m]),
         "test": EvalSet(_keep(whole, base), classes),
         "open": EvalSet(_keep(whole, open_), classes),
-    }, domainbed.TEMPLATE, "alignclip")
+    }, domainbed.TEMPLATE)
 
 
 def build_task(data, task, seed):

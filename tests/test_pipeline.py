@@ -1,0 +1,259 @@
+"""The input pipeline: the authors' preprocessing by default, its tensors equal to the authors'
+`Compose` for the same random draws, PIL-equal resampling on the device, torchvision's
+ColorJitter per image, one loader over all domains, evaluation that decodes each image once,
+activation checkpointing, and (on a GPU) a training loop with no host sync."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from alignclip.data import StepBatches, collate, preprocessing, reference_eval, reference_train
+from alignclip.data.device_transforms import DeviceTransform, color_jitter, resample
+from alignclip.data.pipeline import ImageItems, StepSampler
+from alignclip.data.samples import Sample
+from tiny_run import tiny_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    """Generated JPEGs at PACS's 227x227 and DomainNet's 500x375 (smooth noise, quality 90)."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    files = {}
+    for w, h in ((227, 227), (500, 375), (180, 260)):
+        files[(w, h)] = []
+        for i in range(4):
+            base = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8))
+            noisy = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-20, 20, (h, w, 3))
+            path = root / f"{w}x{h}-{i}.jpg"
+            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+            files[(w, h)].append(str(path))
+    return files
+
+
+def _ours(files, kind, seeds=None):
+    items = ImageItems([Sample(f, 0) for f in files], kind, 224)
+    batch = collate([items[(i, s) if seeds else i] for i, s in enumerate(seeds or [None] * len(files))])
+    return DeviceTransform(preprocessing(kind), 224, CPU)(batch[0], batch[1]), batch[1]
+
+
+def _levels(x, kind):
+    spec = preprocessing(kind)
+    return x * torch.tensor(spec.std).view(3, 1, 1) + torch.tensor(spec.mean).view(3, 1, 1)
+
+
+def psnr(a, b):
+    mse = float(((a - b) * 255).pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+@pytest.mark.parametrize("size", [(227, 227), (500, 375), (180, 260)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_authors_transform_equals_their_compose_for_the_same_draws(jpegs, size):
+    files, seeds = jpegs[size], [11, 12, 13, 14]
+    ours, _ = _ours(files, "alignclip", seeds)
+    theirs = []
+    for f, s in zip(files, seeds):
+        torch.manual_seed(s)
+        theirs.append(reference_train("alignclip", 224)(Image.open(f).convert("RGB")))
+    assert torch.equal(ours, torch.stack(theirs))
+    ours, _ = _ours(files, "alignclip")
+    assert torch.equal(ours, torch.stack([reference_eval("alignclip", 224)(Image.open(f).convert("RGB")) for f in files]))
+
+
+def test_the_stock_domainbed_transform_draws_theirs_and_is_equivalent_to_pil(jpegs):
+    files, seeds = jpegs[(227, 227)], [3, 4, 5, 6]
+    ours, params = _ours(files, "domainbed", seeds)
+    theirs = []
+    for f, s in zip(files, seeds):
+        torch.manual_seed(s)
+        theirs.append(reference_train("domainbed", 224)(Image.open(f).convert("RGB")))
+    # PIL's ColorJitter rounds to uint8 after every op; ours is torchvision's tensor jitter.
+    assert psnr(_levels(ours, "domainbed"), _levels(torch.stack(theirs), "domainbed")) >= 40
+    eval_ours, _ = _ours(files, "domainbed")
+    assert torch.equal(eval_ours, torch.stack([reference_eval("domainbed", 224)(Image.open(f).convert("RGB"))
+                                               for f in files]))
+
+
+def test_device_jitter_is_torchvisions_tensor_jitter_per_image(jpegs):
+    files = jpegs[(227, 227)]
+    items = ImageItems([Sample(f, 0) for f in files], "domainbed", 224)
+    images, params, _ = collate([items[(i, 100 + i)] for i in range(len(files))])
+    base = resample(images, params, 224) / 255
+    got = color_jitter(base.clone(), params)
+    for k in range(len(files)):
+        img = base[k]
+        b, c, s, h = params[k, 9:13].tolist()
+        ops = [lambda x, b=b: TF.adjust_brightness(x, b), lambda x, c=c: TF.adjust_contrast(x, c),
+               lambda x, s=s: TF.adjust_saturation(x, s), lambda x, h=h: TF.adjust_hue(x, h)]
+        for op in params[k, 13:17].int().tolist():
+            img = ops[op](img)
+        torch.testing.assert_close(got[k], img, rtol=0, atol=1e-6)
+
+
+def test_device_resampling_equals_pil_for_random_crop_boxes():
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    img = Image.fromarray(array)
+    worst, exact = math.inf, 0
+    for _ in range(40):
+        h, w = int(rng.integers(40, 300)), int(rng.integers(40, 400))
+        top, left = int(rng.integers(0, 300 - h + 1)), int(rng.integers(0, 400 - w + 1))
+        ref = torch.from_numpy(np.array(img.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)))
+        params = torch.tensor([[top, left, h, w, 224, 224, 0, 0, 0, 1, 1, 1, 0, -1, -1, -1, -1, 0]], dtype=torch.float32)
+        ours = resample(torch.from_numpy(array).permute(2, 0, 1)[None], params, 224)[0].permute(1, 2, 0)
+        assert (ours - ref.float()).abs().max() <= 1
+        worst = min(worst, psnr(ours / 255, ref.float() / 255))
+        exact += bool(torch.equal(ours, ref.float()))
+    assert worst >= 40 and exact >= 30, (worst, exact)
+
+
+def test_one_loader_batch_is_every_domains_step_batch_in_order():
+    sampler = StepSampler([10, 7, 5], batch_size=4, seed=3, start=2, stop=5)
+    for step, batch in zip(range(2, 5), sampler):
+        want = []
+        for d, (n, offset) in enumerate(zip([10, 7, 5], [0, 10, 17])):
+            want += [(offset + i, s) for i, s in StepBatches(n, 4, 3, d, 0, 9).batch(step)]
+        assert batch == want
+    assert len(sampler) == 3
+
+
+def test_auto_resolves_to_the_authors_preprocessing_per_data_set():
+    for config, kind in (("configs/pacs.yaml", "alignclip"), ("configs/in_the_wild_domain_net.yaml", "alignclip"),
+                         ("configs/open_class.yaml", "coop")):
+        out = subprocess.run([sys.executable, "-m", "alignclip", "config", "--config", config],
+                             capture_output=True, text=True, check=True).stdout
+        assert f"# data.transforms auto resolves to {kind}" in out, out[-400:]
+    out = subprocess.run([sys.executable, "-m", "alignclip", "config", "--config", "configs/pacs.yaml", "--set",
+                          "data.transforms=domainbed"], capture_output=True, text=True, check=True).stdout
+    assert "transforms: domainbed" in out and "resolves" not in out
+
+
+def test_final_evaluation_decodes_each_image_once_and_repeats_no_pass(tmp_path, torch_path, monkeypatch):
+    import collections
+
+    from alignclip.data import pipeline
+    from alignclip.train import train
+
+    loads = collections.Counter()
+    real = pipeline.load_pixels
+
+    def counted(path):
+        loads[path] += 1
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "load_pixels", counted)
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", "train.attention_images=0")
+    summary = train(cfg)
+    from alignclip.data import build_task
+    from alignclip.distributed import Dist
+    from alignclip.train import data_config
+
+    task = build_task(data_config(cfg, Dist()), cfg.task, cfg.seed)
+    epochs = cfg.train.epochs
+    assert {loads[s.path] for s in task.eval_sets["test"].samples} == {1}          # 3 towers, one decode
+    # val: once per epoch for the last tower, once at the end for BMA (last and best are known)
+    assert {loads[s.path] for s in task.eval_sets["val"].samples} == {epochs + 1}
+    assert set(summary) >= {"last", "bma", "best"} and summary["last"]["val"] is not None
+
+
+def _tiny_clip():
+    from alignclip.clip import build_architecture
+
+    return build_architecture(tiny_config("unused", "unused").model).visual
+
+
+def test_checkpointing_gives_the_same_values_and_gradients_on_both_paths():
+    from alignclip import AlignCLIPVisual
+
+    torch.manual_seed(0)
+    visual = _tiny_clip()
+    images = torch.randn(3, 3, 32, 32)
+    results = []
+    for enable in (False, True):
+        visual.zero_grad(set_to_none=True)
+        model = AlignCLIPVisual(visual, dual_layers=2, aal_layers=(0, 1))
+        visual.set_grad_checkpointing(enable)         # the tower's own flag is what is honoured
+        out = model(images)
+        (out.tokens.square().sum() + out.tokens_dv.sum() + out.cls_attn.square().sum()).backward()
+        results.append((out, {n: p.grad.clone() for n, p in visual.named_parameters() if p.grad is not None}))
+    (plain, g_plain), (ckpt, g_ckpt) = results
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert g_plain.keys() == g_ckpt.keys() and g_plain
+    for name in g_plain:
+        torch.testing.assert_close(g_plain[name], g_ckpt[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def test_checkpointed_alignclip_visual_saves_within_1_5x_of_open_clips_checkpointed_tower(torch_path):
+    import open_clip
+
+    from alignclip import AlignCLIPVisual
+
+    visual = open_clip.create_model("ViT-B-32").visual
+    visual.set_grad_checkpointing(True)
+    images = torch.randn(4, 3, 224, 224)
+    theirs, _ = _saved_bytes(lambda: visual(images))
+    model = AlignCLIPVisual(visual)
+    ours, _ = _saved_bytes(lambda: model(images))
+    visual.set_grad_checkpointing(False)
+    plain, _ = _saved_bytes(lambda: model(images))
+    assert ours <= 1.5 * theirs, (ours / 2 ** 20, theirs / 2 ** 20)
+    assert plain > 4 * ours
+
+
+@pytest.mark.gpu
+def test_training_steps_with_the_data_loader_make_no_host_sync(tmp_path):
+    from alignclip import train as train_module
+
+    warm = tiny_config(tmp_path / "data", tmp_path / "warm", "train.device=cuda", "train.attention_images=0",
+                       "train.select_best=false", "data.num_workers=2")
+    train_module.train(warm, max_steps=2)      # compiles and autotunes every kernel in bf16 first
+    cfg = tiny_config(tmp_path / "data", tmp_path / "out", "train.device=cuda", "train.attention_images=0",
+                      "train.select_best=false", "data.num_workers=2", "train.checkpoint_every=1000",
+                      "train.epochs=4", "train.log_every=2")
+    real_batches, real_flush = train_module.step_batches, train_module.LaggedReads.flush
+
+    class Checked:
+        """The loop's batches, with sync-debug errors on from the first batch to the first flush
+        (the final checkpoint's, which may wait for the device)."""
+        def __init__(self, *args):
+            self.inner = real_batches(*args)
+
+        @property
+        def wait(self):
+            return self.inner.wait
+
+        def __iter__(self):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            yield from self.inner
+
+    def flush(self):
+        torch.cuda.set_sync_debug_mode(0)
+        return real_flush(self)
+
+    train_module.step_batches, train_module.LaggedReads.flush = Checked, flush
+    try:
+        assert train_module.train(cfg, max_steps=10)["steps"] == 10
+    finally:
+        train_module.step_batches, train_module.LaggedReads.flush = real_batches, real_flush
+        torch.cuda.set_sync_debug_mode(0)
