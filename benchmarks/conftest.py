@@ -4,9 +4,15 @@ CUDA-graph variant where the run can be captured) with achieved TB/s and TFLOP/s
 
 Triton providers run only on CUDA; interpreted kernels are never timed. Without CUDA the
 PyTorch providers run at reduced shapes so that the suite finishes in minutes on 2 cores.
+
+`pytest benchmarks/ --benchmark-only`, as typed, times in one process: the project's addopts
+ask xdist for `-n auto`, under which pytest-benchmark turns itself off (and refuses
+--benchmark-only), and timings taken beside other workers would not be worth reading anyway.
+Without --benchmark-json the results go to `RESULTS_JSON`, what `benchmarks/report.py` reads.
 """
 import os
 import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"   # before triton is imported: never time the interpreter
 
@@ -20,6 +26,19 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DEVICE_NAME = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
 NO_TRITON = "Triton providers need CUDA: interpreted kernels are not timed"
+RESULTS_JSON = Path(".benchmarks") / "results.json"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Before xdist and pytest-benchmark read the options (this is an initial conftest)."""
+    if not config.getoption("benchmark_only", False):
+        return
+    if hasattr(config.option, "numprocesses"):
+        config.option.numprocesses, config.option.dist = 0, "no"
+    if config.getoption("benchmark_json", None) is None:
+        RESULTS_JSON.parent.mkdir(exist_ok=True)
+        config.option.benchmark_json = RESULTS_JSON
 
 
 def sync():

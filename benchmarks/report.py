@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md (and a PNG bar chart per group) from the benchmark results.
 
-    python benchmarks/report.py RESULTS.json [--work WORK.json] [--tiles TILES.json]
+    python benchmarks/report.py [RESULTS.json] [--work WORK.json] [--tiles TILES.json]
         [--ptxas PTXAS.json] [--out BENCHMARKS.md] [--plots benchmarks/plots] [--command "..."]
 
 Per group: median wall time, kernel-only time (do_bench, and its CUDA-graph variant) on CUDA,
@@ -197,13 +197,15 @@ def _read(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("results", help="pytest --benchmark-json output")
+    parser.add_argument("results", nargs="?", default=os.path.join(".benchmarks", "results.json"),
+                        help="pytest --benchmark-json output (default: where `pytest benchmarks/ --benchmark-only` "
+                             "writes it)")
     parser.add_argument("--work", help="python -m alignclip_kernels.work --json output")
     parser.add_argument("--tiles", help="benchmarks/attention_tiles.py output")
     parser.add_argument("--ptxas", help="python -m alignclip_kernels.ptxas_report --json output")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=os.path.join("benchmarks", "plots"))
-    parser.add_argument("--command", default="pytest benchmarks/ --benchmark-only --benchmark-json=RESULTS.json")
+    parser.add_argument("--command", default="pytest benchmarks/ --benchmark-only")
     args = parser.parse_args(argv)
     write_report(_read(args.results), args.out, args.plots, args.command, _read(args.work),
                  _read(args.tiles), _read(args.ptxas))
