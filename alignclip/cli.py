@@ -82,6 +82,8 @@ def _run(args):
 
         if args.steps < 2:
             raise ConfigError("--steps must be >= 2 (the first step is a warm-up)")
+        if args.workers is not None and args.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {args.workers}")
         result = measure(load_config(args.config, args.set), steps=args.steps, workers=args.workers)
         if args.json:
             with open(args.json, "w") as f:

@@ -34,7 +34,7 @@ class Evaluator:
     def __init__(self, task, text, cfg, size, device):
         self.task, self.text, self.cfg, self.size, self.device = task, text, cfg, size, device
         self.kind = resolved_transforms(cfg)
-        self.workers = worker_count(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.workers = worker_count(cfg.data.num_workers)
         self.loaders = {}
 
     def _batches(self, name):

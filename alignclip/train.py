@@ -72,7 +72,7 @@ def step_batches(task, cfg, size, start, stop, ddp, device):
     if dc.batch_size % ddp.world:
         raise RunError(f"data.batch_size {dc.batch_size} must divide by the {ddp.world} ranks")
     kind = resolved_transforms(cfg)
-    workers = worker_count(dc.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = worker_count(dc.num_workers)
     loader = train_loader(task.train_domains, kind, size, batch_size=dc.batch_size, seed=cfg.seed, start=start,
                           stop=stop, workers=workers, device=device, skip_corrupt=dc.skip_corrupt,
                           rank=ddp.rank, world=ddp.world)

@@ -5,6 +5,8 @@ activation checkpointing, and (on a GPU) a training loop with no host sync."""
 import math
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -122,6 +124,30 @@ def test_one_loader_batch_is_every_domains_step_batch_in_order():
             want += [(offset + i, s) for i, s in StepBatches(n, 4, 3, d, 0, 9).batch(step)]
         assert batch == want
     assert len(sampler) == 3
+
+
+def test_a_consumer_that_stops_early_stops_the_helper_thread():
+    from alignclip.data.pipeline import _received
+
+    before = threading.active_count()
+    batches = _received(iter(range(100)), depth=2)
+    assert next(batches) == 0
+    batches.close()                       # the training step raised: the generator is closed
+    deadline = time.time() + 5
+    while threading.active_count() > before and time.time() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_pipeline_command_refuses_bad_counts_in_one_line(capsys):
+    from alignclip import cli
+
+    for flag, value in (("--steps", "1"), ("--workers", "-1")):
+        assert cli.main(["pipeline", "--config", "configs/demo.yaml", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag} must be >= ") and "\n" not in err, err
+    with pytest.raises(ValueError, match="kind must be one of alignclip, coop, domainbed"):
+        ImageItems([], "imagenet", 224)
 
 
 def test_auto_resolves_to_the_authors_preprocessing_per_data_set():

@@ -103,12 +103,13 @@ class StepSampler(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def worker_count(requested, local_world=1):
-    """data.num_workers, or (null) the cores this process may use, shared by the ranks of this
-    machine, less one for the main thread; at most 16."""
+def worker_count(requested):
+    """data.num_workers, or (null) the cores this process may use, shared by the ranks torchrun
+    started on this machine (LOCAL_WORLD_SIZE), less one for the main thread; at most 16."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(0, min(16, cores // max(local_world, 1) - 1))
 
 
@@ -134,27 +135,41 @@ def _received(loader, depth=3):
     CUDA (attaching and later freeing each batch's shared memory, a few ms at B=108), kept off
     the main thread on the CPU too: the helper holds every batch it handed out until `depth`
     newer ones followed, so the last reference, and the unmapping, is dropped there. A worker's
-    exception is re-raised here."""
+    exception is re-raised here. A consumer that stops early (an error in the step) stops the
+    helper, which lets go of the loader and so of its workers."""
     out = queue.Queue(maxsize=depth)
-    done = object()
+    done, stopped = object(), threading.Event()
+
+    def hand(item):
+        while not stopped.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def receive():
         handed = collections.deque()
         try:
             for batch in loader:
-                out.put(batch)
+                if not hand(batch):
+                    return
                 handed.append(batch)
                 if len(handed) > 2 * depth:
                     handed.popleft()
         except BaseException as exc:   # noqa: B036 -- handed to the consumer, which re-raises it
-            out.put(exc)
-        out.put(done)
+            hand(exc)
+        hand(done)
 
     threading.Thread(target=receive, daemon=True).start()
-    while (item := out.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    try:
+        while (item := out.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stopped.set()
 
 
 class DeviceBatches:

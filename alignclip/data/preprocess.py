@@ -61,7 +61,7 @@ KINDS = {
 
 def preprocessing(kind):
     if kind not in KINDS:
-        raise ValueError(f"preprocessing must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} (data.transforms, auto resolved), got {kind!r}")
     return KINDS[kind]
 
 
