@@ -36,10 +36,20 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+def checkpoint_file(path):
+    """`path`, or for a run folder (or its checkpoints folder) the last.pt it holds."""
+    if not os.path.isdir(path):
+        return path
+    for candidate in (os.path.join(path, "checkpoints", "last.pt"), os.path.join(path, "last.pt")):
+        if os.path.isfile(candidate):
+            return candidate
+    raise RunError(f"checkpoint {path} is a folder holding no checkpoints/last.pt")
+
+
 def load(path, map_location="cpu", required=("step", "config", "visual")):
     """A checkpoint's dict, or a RunError saying what is wrong with the file."""
     if os.path.isdir(path):
-        raise RunError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path}/last.pt)")
+        raise RunError(f"checkpoint {path} is a folder, not a checkpoint file (e.g. {path}/checkpoints/last.pt)")
     if not os.path.exists(path):
         raise RunError(f"checkpoint {path} does not exist")
     try:

@@ -5,11 +5,13 @@ SIGINT saves a checkpoint, says how to resume and exits with 128 + the signal nu
 """
 import argparse
 import json
+import os
 import sys
 
-from .checkpoint import RunError
+from .checkpoint import RunError, checkpoint_file
 from .config import ConfigError, load_config
 from .data import DataError
+from .launchers import LAUNCHERS, SlurmOptions
 from .towers import TowerError
 
 
@@ -29,11 +31,15 @@ def _parser():
     mode = tr.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the run in OUTPUT_DIR")
     mode.add_argument("--overwrite", action="store_true", help="replace the run in OUTPUT_DIR")
+    tr.add_argument("--quiet", action="store_true", help="print only errors and the result table")
     overrides(tr)
 
-    ev = sub.add_parser("eval", help="accuracies of a checkpoint's last, BMA and best towers")
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--config", help="default: the configuration saved in the checkpoint")
+    ev = sub.add_parser("eval", help="accuracies of a checkpoint's last, BMA and best towers, or zero-shot")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a run's checkpoints/last.pt (or the run folder)")
+    what.add_argument("--zero-shot", action="store_true", help="the configuration's CLIP before any training, on "
+                                                                "the test sets; writes OUTPUT_DIR/summary.json")
+    ev.add_argument("--config", help="default: the configuration saved in the checkpoint (--zero-shot: required)")
     ev.add_argument("--output", help="write the accuracies here (default: eval.json beside the run)")
     overrides(ev)
 
@@ -48,6 +54,24 @@ def _parser():
     sw.add_argument("--baseline", action="store_true", help="also run CLIPood (loss.align false)")
     sw.add_argument("--max-steps", type=int)
     sw.add_argument("--output-dir")
+    sw.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                    help="local: one run after another here; gpus: a subprocess per visible GPU (or --jobs N CPU "
+                         "runs) at a time; submitit: a SLURM job per run")
+    sw.add_argument("--jobs", type=int, help="gpus launcher: runs at once (default: one per GPU; needed without GPUs)")
+    sw.add_argument("--gpus", help="gpus launcher: the GPU indices to use, e.g. 0,1,2 (default: all visible)")
+    sw.add_argument("--collect", action="store_true", help="launch nothing: rebuild the table from the run folders")
+    slurm = SlurmOptions()
+    sw.add_argument("--slurm-partition", help="submitit: the SLURM partition")
+    sw.add_argument("--slurm-time", type=int, default=slurm.time_min, help="submitit: minutes per job (a job that "
+                                                                              "runs out is requeued and resumes)")
+    sw.add_argument("--slurm-gpus", type=int, default=slurm.gpus_per_job, help="submitit: GPUs per job")
+    sw.add_argument("--slurm-cpus", type=int, help="submitit: CPUs per job (data workers)")
+    sw.add_argument("--slurm-array-parallelism", type=int, default=slurm.array_parallelism,
+                    help="submitit: jobs of the array running at once")
+    sw.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="submitit: an extra sbatch option, e.g. --slurm-option account=myproj (repeatable)")
+    sw.add_argument("--submitit-cluster", choices=("slurm", "local"), default=slurm.cluster,
+                    help="local: submitit's local executor runs the same jobs as processes here")
     overrides(sw)
 
     pl = sub.add_parser("pipeline", help="images/s the training input pipeline delivers here, beside the "
@@ -65,7 +89,7 @@ def _parser():
     return parser
 
 
-def _run(args):
+def _run(args, argv):
     from .run import Stopped, resume_command
 
     if args.command == "config":
@@ -91,19 +115,32 @@ def _run(args):
         print(report(result))
         return 0
     if args.command == "export":
+        from .clip import MODEL_CONFIGS
         from .export import export
 
-        arch = export(args.checkpoint, args.weights, args.out)
-        print(f"wrote {args.out}: open_clip.create_model({arch!r}, pretrained={args.out!r})")
+        checkpoint = checkpoint_file(args.checkpoint)
+        arch = export(checkpoint, args.weights, args.out)
+        own = os.path.exists(os.path.join(MODEL_CONFIGS, f"{arch}.json"))
+        register = ("from alignclip.clip import register_model_configs; register_model_configs(); "
+                    if own else "")
+        print(f"wrote {args.out}; load it with: import open_clip; {register}"
+              f"open_clip.create_model({arch!r}, pretrained={args.out!r})"
+              + (f"  ({arch} is this package's model config, unknown to plain open_clip)" if own else ""))
+        return 0
+    if args.command == "eval" and args.zero_shot:
+        from .evaluate import zero_shot
+
+        if not args.config:
+            raise ConfigError("eval --zero-shot needs --config (the model and data to evaluate)")
+        print(json.dumps(zero_shot(load_config(args.config, args.set)), indent=2))
         return 0
     if args.command == "eval":
-        import os
-
         from .evaluate import evaluate_checkpoint
 
-        cfg = load_config(args.config, args.set) if args.config or args.set else None
-        results = evaluate_checkpoint(args.checkpoint, cfg)
-        out = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint))),
+        checkpoint = checkpoint_file(args.checkpoint)
+        cfg = load_config(args.config, args.set) if args.config else None
+        results = evaluate_checkpoint(checkpoint, cfg, overrides=args.set)
+        out = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
                                           "eval.json")
         with open(out, "w") as f:
             json.dump(results, f, indent=2)
@@ -113,30 +150,61 @@ def _run(args):
         raise ConfigError("--max-steps must be >= 0")
     try:
         if args.command == "sweep":
-            from .sweep import sweep
-
-            sweep(args.config, seeds=args.seeds, targets=args.targets, baseline=args.baseline,
-                  max_steps=args.max_steps, overrides=args.set, output_dir=args.output_dir,
-                  echo=lambda line: print(line, flush=True))
-            return 0
+            return _sweep(args)
         from .train import train
 
         overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
         cfg = load_config(args.config, overrides)
-        summary = train(cfg, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite)
-        if summary is not None:
-            print(json.dumps(summary, indent=2))
+        train(cfg, max_steps=args.max_steps, resume=args.resume, overwrite=args.overwrite,
+              echo=lambda line: print(line, flush=True), quiet=args.quiet)
         return 0
     except Stopped as stop:
-        out = args.output_dir or load_config(args.config, args.set).output_dir
-        print(f"{stop}\nresume with: {resume_command(args.config, out)}", file=sys.stderr)
+        again = "re-run the same command to continue" if args.command == "sweep" else "resume with"
+        print(f"{stop}\n{again}: {resume_command(argv)}", file=sys.stderr)
         return 128 + stop.signum
 
 
+def _sweep(args):
+    from .sweep import sweep
+
+    for option in args.slurm_option:
+        if "=" not in option:
+            raise ConfigError(f"--slurm-option takes KEY=VALUE (an sbatch option), got {option!r}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus takes GPU indices like 0,1,2, got {args.gpus!r}") from None
+    slurm = SlurmOptions(cluster=args.submitit_cluster, partition=args.slurm_partition, time_min=args.slurm_time,
+                         gpus_per_job=args.slurm_gpus, cpus_per_job=args.slurm_cpus,
+                         array_parallelism=args.slurm_array_parallelism, options=list(args.slurm_option))
+    try:
+        results = sweep(args.config, seeds=args.seeds, targets=args.targets, baseline=args.baseline,
+                        max_steps=args.max_steps, overrides=args.set, output_dir=args.output_dir,
+                        echo=lambda line: print(line, flush=True), launcher=args.launcher, jobs=args.jobs,
+                        gpus=gpus, slurm=slurm, collect=args.collect)
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
+    print(results["markdown"])
+    counts = {}
+    for run in results["runs"]:
+        counts[run["status"]] = counts.get(run["status"], 0) + 1
+    if counts.get("ok", 0) == len(results["runs"]):
+        return 0
+    said = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()) if status != "ok")
+    print(f"{len(results['runs']) - counts.get('ok', 0)} of {len(results['runs'])} runs are not final ({said}); "
+          f"re-run the same command to continue them", file=sys.stderr)
+    return 1
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, argv)
     except (ConfigError, DataError, RunError, TowerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

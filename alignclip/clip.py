@@ -1,5 +1,7 @@
 """Building the CLIP model a run fine-tunes: open_clip's model with the right activation, a
 one-line answer when its pretrained weights cannot be had, and the model's own logit scale."""
+import contextlib
+import logging
 import os
 import socket
 
@@ -92,6 +94,37 @@ def quick_gelu(model_cfg):
     return bool(get_pretrained_cfg(model_cfg.arch, tag).get("quick_gelu", False))
 
 
+class _NoRandomInitWarning(logging.Filter):
+    """open_clip warns on every model built without weights, also where that is intended (the
+    package's test model, an architecture a checkpoint fills); `random_init_notice` says it once,
+    in plain words, where it is likely a mistake."""
+
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def random_init_notice(model_cfg):
+    """A line when a run asks for no weights for an architecture that has CLIP weights (likely
+    a mistake: the run will not start from CLIP), else None."""
+    if model_cfg.pretrained is not None:
+        return None
+    tags = list_pretrained_tags_by_model(model_cfg.arch)
+    if not tags:
+        return None
+    return (f"note: model.pretrained is null, so {model_cfg.arch} starts from random weights, not from CLIP; "
+            f"set model.pretrained to one of {', '.join(tags[:4])}{', ...' if len(tags) > 4 else ''} to fine-tune CLIP")
+
+
 def build_clip(model_cfg, device):
     """(CLIP with only its image tower trainable, tokenizer).
 
@@ -99,8 +132,9 @@ def build_clip(model_cfg, device):
     only warns on the mismatch, so the activation is taken from the pretrained tag itself.
     """
     check_model(model_cfg)
-    clip = open_clip.create_model(model_cfg.arch, pretrained=model_cfg.pretrained, device=device,
-                                  force_quick_gelu=quick_gelu(model_cfg))
+    with _without_random_init_warning():
+        clip = open_clip.create_model(model_cfg.arch, pretrained=model_cfg.pretrained, device=device,
+                                      force_quick_gelu=quick_gelu(model_cfg))
     clip.eval().requires_grad_(False)
     clip.visual.requires_grad_(True)
     return clip, open_clip.get_tokenizer(model_cfg.arch)
@@ -110,8 +144,9 @@ def build_architecture(model_cfg, device="cpu"):
     """The same CLIP without any weights loaded (a checkpoint supplies them): the activation
     still follows the pretrained tag's metadata, which needs no download."""
     register_model_configs()
-    return open_clip.create_model(model_cfg.arch, pretrained=None, device=device,
-                                  force_quick_gelu=quick_gelu(model_cfg))
+    with _without_random_init_warning():
+        return open_clip.create_model(model_cfg.arch, pretrained=None, device=device,
+                                      force_quick_gelu=quick_gelu(model_cfg))
 
 
 def logit_scale(clip):

@@ -9,6 +9,8 @@ resolves. Unknown keys, wrong types and out-of-range values are one-line `Config
 """
 import copy
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union, get_args, get_origin, get_type_hints
@@ -19,6 +21,8 @@ from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, S
 
 TASKS = ("domain_shift", "open_class", "in_the_wild")
 TRANSFORMS = ("auto", "alignclip", "domainbed", "coop")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOGGERS = ("none", "tensorboard", "wandb")
 
 
 class ConfigError(ValueError):
@@ -65,8 +69,12 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     iters_per_epoch: int = 500
-    lr: float = 5e-6                      # AdamW, cosine schedule over all steps
+    lr: float = 5e-6                      # AdamW, cosine schedule over all steps (after any warmup)
+    warmup_steps: int = 0                 # linear warmup steps before the cosine (0: the authors')
     weight_decay: float = 0.1
+    grad_clip: Optional[float] = None     # clip the gradient's global L2 norm to this (null: no clipping)
+    accumulate: int = 1                   # micro-batches a step (same effective batch, less activation memory)
+    precision: str = "auto"               # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 (loss scaler) | fp32
     bma_beta: float = 0.5                 # CLIPood's beta moving average
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile the model and loss
@@ -75,7 +83,8 @@ class TrainConfig:
     eval_batch_size: int = 128
     select_best: bool = True              # evaluate the source domains' validation split each epoch
     attention_images: int = 4             # images in attention.png (0: no figure)
-    tensorboard: bool = False             # needs the tensorboard extra
+    logger: str = "none"                  # none | tensorboard | wandb (extras of the same names) beside metrics.jsonl
+    wandb_project: str = "alignclip"      # the Weights & Biases project of train.logger wandb
 
 
 @dataclass
@@ -195,6 +204,13 @@ def validate(cfg):
     _check_range("task", cfg.task, lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
     _check_range("data.transforms", d.transforms, lambda v: v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)}")
     _check_range("model.out_proj_mode", m.out_proj_mode, lambda v: v in ("split", "stacked"), "split or stacked")
+    _check_range("train.precision", t.precision, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
+    _check_range("train.logger", t.logger, lambda v: v in LOGGERS, f"one of {', '.join(LOGGERS)}")
+    _check_range("train.accumulate", t.accumulate, lambda v: v >= 1, "an integer >= 1")
+    _check_range("train.warmup_steps", t.warmup_steps, lambda v: 0 <= v < max(cfg.total_steps, 1),
+                 f"an integer in [0, {cfg.total_steps}) (the run's steps)")
+    if t.grad_clip is not None:
+        _check_range("train.grad_clip", t.grad_clip, lambda v: finite(v) and v > 0, "finite and > 0 or null")
     for name, value in (("data.batch_size", d.batch_size), ("train.epochs", t.epochs),
                         ("train.iters_per_epoch", t.iters_per_epoch), ("train.log_every", t.log_every),
                         ("train.checkpoint_every", t.checkpoint_every),
@@ -270,17 +286,19 @@ def load_config(path=None, overrides=()):
     return validate(cfg)
 
 
-def from_dict(data):
-    """A RunConfig from `to_dict()` output (a checkpoint's), validated."""
+def from_dict(data, overrides=()):
+    """A RunConfig from `to_dict()` output (a checkpoint's) with `--set` overrides, validated."""
     cfg = RunConfig()
     _merge(cfg, copy.deepcopy(data))
+    for text in overrides:
+        _merge(cfg, parse_override(text))
     return validate(cfg)
 
 
 # Keys that do not change what a run computes: a resumed run may differ in these.
 RUN_NEUTRAL = {"output_dir", "data.root", "data.num_workers", "train.device", "train.compile",
                "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
-               "train.attention_images", "train.tensorboard", "data.skip_corrupt",
+               "train.attention_images", "train.logger", "train.wandb_project", "data.skip_corrupt",
                "model.grad_checkpointing"}
 
 
@@ -292,6 +310,14 @@ def _flatten(d, prefix=""):
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def config_hash(cfg: RunConfig):
+    """Ten hex digits naming what a run computes, less its seed and target domains: the same
+    for every run of one method in a sweep, different when any run-changing key differs."""
+    flat = _flatten(cfg.to_dict())
+    kept = {k: v for k, v in sorted(flat.items()) if k not in RUN_NEUTRAL and k not in ("seed", "data.targets")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def run_changing_differences(saved: Dict, current: RunConfig):

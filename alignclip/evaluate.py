@@ -36,6 +36,7 @@ class Evaluator:
         self.kind = resolved_transforms(cfg)
         self.workers = worker_count(cfg.data.num_workers)
         self.loaders = {}
+        self.by_domain = {}    # (tower, set): {domain: accuracy} for sets over several domains
 
     def _batches(self, name):
         if name not in self.loaders:
@@ -52,40 +53,93 @@ class Evaluator:
             warnings.warn(f"evaluation set {name} is empty: its accuracy is reported as null", stacklevel=2)
             return {tag: None for tag in towers}
         encoders = {tag: AlignCLIPVisual(t, dual_layers=0, aal_layers=()) for tag, t in towers.items()}
-        correct = torch.zeros(len(towers), dtype=torch.int64, device=self.device)
-        text = self.text[name]
+        right = torch.zeros(len(towers), len(samples), dtype=torch.bool, device=self.device)
+        text, seen = self.text[name], 0
         for images, labels in self._batches(name):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 for k, encoder in enumerate(encoders.values()):
                     feats = encoder.encode_image(images).float()
-                    correct[k] += ((feats @ text.T).argmax(1) == labels).sum()
-        return {tag: 100.0 * c / len(samples) for tag, c in zip(towers, correct.tolist())}
+                    right[k, seen:seen + len(labels)] = (feats @ text.T).argmax(1) == labels
+            seen += len(labels)
+        domains = self.task.eval_sets[name].domains
+        counts = [n for _, n in domains] if len(domains) > 1 else [len(samples)]
+        correct = torch.stack([part.sum(1) for part in right.split(counts, dim=1)], dim=1).tolist()
+        for tag, per_part in zip(towers, correct):
+            if len(domains) > 1:
+                self.by_domain[(tag, name)] = {d: 100.0 * c / n if n else None
+                                               for (d, n), c in zip(domains, per_part)}
+        return {tag: 100.0 * sum(c) / len(samples) for tag, c in zip(towers, correct)}
 
-    def evaluate(self, towers, known=None):
-        """{tower: {set: accuracy}} over every set; `known` {(tower, set): accuracy} is reused."""
+    def evaluate(self, towers, known=None, sets=None):
+        """{tower: {set: accuracy}} over `sets` (every set by default); `known` {(tower, set):
+        accuracy} is reused. A set over several target domains also gets `<set>_domains`
+        {domain: accuracy} and `<set>_mean`, their unweighted mean (the pooled accuracy
+        weights domains by their image counts)."""
         known = known or {}
         results = {tag: {} for tag in towers}
-        for name in self.task.eval_sets:
+        for name in sets or self.task.eval_sets:
             todo = {tag: t for tag, t in towers.items() if (tag, name) not in known}
             found = self.accuracies(todo, name) if todo else {}
             for tag in towers:
                 results[tag][name] = known[(tag, name)] if (tag, name) in known else found[tag]
+                per_domain = self.by_domain.get((tag, name))
+                if per_domain:
+                    results[tag][f"{name}_domains"] = per_domain
+                    values = [v for v in per_domain.values() if v is not None]
+                    results[tag][f"{name}_mean"] = sum(values) / len(values) if values else None
         return results
 
+    def test_domains(self):
+        """{set: [{"domain", "images"}]} of the sets that are scored on target domains."""
+        return {name: [{"domain": d, "images": n} for d, n in s.domains]
+                for name, s in self.task.eval_sets.items() if s.domains and name != "val"}
 
-def evaluate_checkpoint(checkpoint, cfg=None):
+
+def zero_shot(cfg):
+    """Accuracies of the configuration's CLIP before any training (zero-shot, the first row of
+    every table in this field) on the task's scored sets, written to OUTPUT_DIR/summary.json
+    (steps 0) beside config.yaml, so a sweep reads it like a run."""
+    from .clip import build_clip
+    from .distributed import Dist, resolve_device
+    from .run import RunFolder, provenance
+    from .text import class_text_features
+    from .train import data_config
+
+    ddp = Dist()
+    device = resolve_device(cfg.train.device, ddp)
+    torch.manual_seed(cfg.seed)   # a randomly initialised model: the one a run of this seed starts from
+    task = build_task(data_config(cfg, ddp), cfg.task, cfg.seed)
+    clip, tokenizer = build_clip(cfg.model, device)
+    template = cfg.model.template or task.template
+    sets = [name for name in task.eval_sets if name != "val"]
+    text = {name: class_text_features(clip, tokenizer, task.eval_sets[name].classnames, template, device)
+            for name in sets}
+    evaluator = Evaluator(task, text, cfg, image_size(clip.visual), device)
+    results = evaluator.evaluate({"zero_shot": clip.visual}, sets=sets)
+    summary = {"steps": 0, "num_classes": len(task.classnames), "test_domains": evaluator.test_domains(),
+               **provenance(cfg), **results}
+    folder = RunFolder(cfg.output_dir)
+    os.makedirs(folder.path, exist_ok=True)
+    with open(folder.config, "w") as f:
+        f.write(cfg.to_yaml())
+    folder.write_json(folder.summary, summary)
+    return summary
+
+
+def evaluate_checkpoint(checkpoint, cfg=None, overrides=()):
     """Accuracies of a run checkpoint's last, BMA and (when saved) best towers. The
-    configuration is the checkpoint's unless `cfg` is given; the data is read from cfg.data.root
-    (the synthetic demo set must already exist: evaluation writes nothing but eval.json)."""
+    configuration is the checkpoint's (with `overrides` applied) unless `cfg` is given; the data
+    is read from cfg.data.root (the synthetic demo set must already exist: evaluation writes
+    nothing but eval.json)."""
     try:
-        return _evaluate_checkpoint(checkpoint, cfg)
+        return _evaluate_checkpoint(checkpoint, cfg, overrides)
     except CorruptImageError as exc:
         raise RunError(CorruptImageError.one_line(exc)) from None
 
 
-def _evaluate_checkpoint(checkpoint, cfg):
+def _evaluate_checkpoint(checkpoint, cfg, overrides):
     state = load(checkpoint)
-    cfg = cfg or from_dict(state["config"])
+    cfg = cfg or from_dict(state["config"], overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     data = cfg.data
     if data.dataset == "Synthetic" and data.root is None:
@@ -110,5 +164,7 @@ def _evaluate_checkpoint(checkpoint, cfg):
         load_weights(best, load(best_path, required=("visual",))["visual"], best_path, "best")
         towers["best"] = best
     text = {name: t.to(device) for name, t in state["text"].items()}
-    results = Evaluator(task, text, cfg, image_size(visual), device).evaluate(towers)
-    return {"checkpoint": os.path.abspath(checkpoint), "steps": int(state["step"]), **results}
+    evaluator = Evaluator(task, text, cfg, image_size(visual), device)
+    results = evaluator.evaluate(towers)
+    return {"checkpoint": os.path.abspath(checkpoint), "steps": int(state["step"]),
+            "test_domains": evaluator.test_domains(), **results}

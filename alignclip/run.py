@@ -9,12 +9,14 @@
 """
 import json
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 
 from .checkpoint import RunError
-from .config import run_changing_differences
+from .config import config_hash, run_changing_differences
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "attention.png",
              "checkpoints", "tensorboard")
@@ -71,11 +73,13 @@ class RunFolder:
                            f"in {', '.join(changed)}")
 
     def truncate_metrics(self, step):
-        """Drop logged rows after `step` (they came after the checkpoint a resume starts from)."""
+        """Drop logged rows after `step` (they came after the checkpoint a resume starts from) and
+        the final evaluation of a run ended early (`--max-steps`): the resumed run goes on."""
         if not os.path.exists(self.metrics):
             return
         with open(self.metrics) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step
+                    and not json.loads(line).get("final")]
         with open(self.metrics, "w") as f:
             f.writelines(rows)
 
@@ -88,6 +92,27 @@ class RunFolder:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
         os.replace(tmp, path)
+
+
+def git_commit():
+    """The commit of the checkout this package runs from ("+dirty" with local changes), or None
+    for an installed copy."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def provenance(cfg):
+    """What a summary needs to say where its numbers came from."""
+    return {"config_hash": config_hash(cfg), "commit": git_commit()}
 
 
 class Stopped(RuntimeError):
@@ -122,6 +147,10 @@ class StopSignals:
         return False
 
 
-def resume_command(config_path, output_dir):
-    config = f" --config {config_path}" if config_path else ""
-    return f"{sys.executable} -m alignclip train{config} --output-dir {output_dir} --resume"
+def resume_command(argv):
+    """The command the user typed (`argv` after `python -m alignclip`), its overrides kept, as
+    one that continues: `train` gets --resume in place of --overwrite; a sweep resumes as is."""
+    args = [a for a in argv if a != "--overwrite"]
+    if args and args[0] == "train" and "--resume" not in args:
+        args.append("--resume")
+    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "alignclip", *args])

@@ -1,30 +1,44 @@
 """One command per paper table: every (target domain, seed) of a configuration as its own run,
-then `results.md` and `results.json` with mean ± std over seeds.
+then `results.md`, `results.json` and `results.png` (`results.py`).
 
     python -m alignclip sweep --config configs/pacs.yaml [--seeds 0 1 2] [--targets all]
-                              [--baseline] [--max-steps N] [--set key=value ...]
+        [--baseline] [--max-steps N] [--launcher local|gpus|submitit] [--jobs N] [--collect]
+        [--set key=value ...]
 
 Runs go to OUTPUT_DIR/<method>/target<t>-seed<s> (method: alignclip, or clipood for
-`--baseline`, the same configuration with loss.align false). A finished run (summary.json) is
-skipped, an interrupted one resumed, so re-running the same command after a crash continues. A
-run that fails is reported in the table, not lost. Per target and on average the table gives
-last / BMA / best accuracy on the target's test split (open class: base, new and their harmonic
-mean; in the wild: base and open); with `--baseline` also CLIPood's, the gain and the step-time
-ratio AlignCLIP ÷ CLIPood measured in those runs.
+`--baseline`, the same configuration with loss.align false), and the zero-shot evaluation of
+the untrained CLIP, once per target, to OUTPUT_DIR/zero-shot/target<t>. Where the runs execute
+is the launcher's business (`launchers.py`); what they hold is read back from their folders:
+a run finished at the asked length is kept, an interrupted, failed or shorter one (same
+configuration) is resumed to the asked length, and one finished longer or under another
+configuration is refused with the reason, never reported. So re-running the same command after
+a crash, a kill or a preemption continues, and `--collect` rebuilds the table from whatever has
+finished, listing what has not.
 """
 import json
 import os
-import statistics
-import traceback
 
-from .checkpoint import RunError
-from .config import load_config
+import yaml
+
+from .config import ConfigError, load_config, run_changing_differences
 from .data import DATASETS
 from .data.domainbed import load_domains
-from .run import RunFolder, Stopped
+from .launchers import LAUNCHERS, Job, Local, Processes, SlurmOptions, Submitit, Tally, failure_of, visible_gpus
+from .results import build, run_metrics
+from .run import RunFolder
 from .train import data_config
+from .visualize import save_results_figure
 
-MODELS = ("last", "bma", "best")
+
+def domain_names(cfg):
+    """The data set's domains in sorted order (the target indices' names); [] for open class."""
+    if cfg.task == "open_class":
+        return []
+    if cfg.data.dataset in DATASETS and DATASETS[cfg.data.dataset][1]:
+        return list(DATASETS[cfg.data.dataset][1])
+    from .distributed import Dist
+
+    return list(load_domains(data_config(cfg, Dist()).root, cfg.data.dataset)[0])
 
 
 def targets_of(cfg, requested):
@@ -32,146 +46,135 @@ def targets_of(cfg, requested):
     if cfg.task == "open_class":
         return [None]
     if requested in (None, ["all"]):
-        if cfg.data.dataset in DATASETS and DATASETS[cfg.data.dataset][1]:
-            return list(range(len(DATASETS[cfg.data.dataset][1])))
-        from .distributed import Dist
-
-        root = data_config(cfg, Dist()).root
-        return list(range(len(load_domains(root, cfg.data.dataset)[0])))
+        return list(range(len(domain_names(cfg))))
     return [int(t) for t in requested]
 
 
-def _metrics(summary, task):
-    """{model: {metric: accuracy}} from a run summary: test (and open / harmonic mean)."""
-    out = {}
-    for model in MODELS:
-        accs = summary.get(model)
-        if not accs:
-            continue
-        row = {"test": accs.get("test")}
-        if task in ("open_class", "in_the_wild"):
-            row["open"] = accs.get("open")
-            if task == "open_class" and row["test"] is not None and row["open"] is not None:
-                b, n = row["test"], row["open"]
-                row["harmonic"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
-        out[model] = row
-    return out
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _fmt(ms):
-    return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
-
-
-def sweep(config_path, *, seeds=(0, 1, 2), targets=None, baseline=False, max_steps=None,
-          overrides=(), output_dir=None, echo=print, train=None):
-    """Run the sweep and write results.md / results.json under the output folder; returns the
-    results dict. `train` is the training function (alignclip.train.train by default)."""
-    if train is None:
-        from .train import train
+def plan(config_path, *, seeds, targets, baseline, max_steps, overrides, output_dir):
+    """(base configuration, output folder, methods, targets, the sweep's jobs)."""
     base_cfg = load_config(config_path, overrides)
     root_dir = output_dir or base_cfg.output_dir
-    methods = [("alignclip", [])] + ([("clipood", ["loss.align=false"])] if baseline else [])
-    runs = []
+    methods = [("clipood", ["loss.align=false"])] if baseline else []
+    methods.append(("alignclip", []))
     target_list = targets_of(base_cfg, targets)
-    total = len(methods) * len(target_list) * len(seeds)
+    config = os.path.abspath(config_path)
+
+    def sets_of(extra, seed, target, out):
+        return [*overrides, *extra, f"seed={seed}", f"output_dir={out}",
+                *([] if target is None else [f"data.targets=[{target}]"])]
+
+    jobs = []
+    for target in target_list:   # before training, once per target (the first seed's data)
+        out = os.path.join(root_dir, "zero-shot", "all" if target is None else f"target{target}")
+        jobs.append(Job("zero-shot", target, None, config, sets_of([], seeds[0], target, out), out, zero_shot=True))
     for method, extra in methods:
         for target in target_list:
             for seed in seeds:
                 name = f"seed{seed}" if target is None else f"target{target}-seed{seed}"
                 out = os.path.join(root_dir, method, name)
-                sets = [*overrides, *extra, f"seed={seed}", f"output_dir={out}"]
-                if target is not None:
-                    sets.append(f"data.targets=[{target}]")
-                record = {"method": method, "target": target, "seed": seed, "output_dir": out}
-                folder = RunFolder(out)
-                try:
-                    cfg = load_config(config_path, sets)
-                    if os.path.exists(folder.summary):
-                        with open(folder.summary) as f:
-                            summary = json.load(f)
-                        status = "done before"
-                    else:
-                        summary = train(cfg, max_steps=max_steps, resume=folder.holds_run(), echo=echo)
-                        status = "ran"
-                    record.update(status="ok", summary=summary, metrics=_metrics(summary, cfg.task))
-                except Stopped:
-                    raise
-                except (RunError, ValueError, RuntimeError, OSError) as exc:
-                    record.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-                    status = "failed: " + record["error"]
-                    if not isinstance(exc, (RunError, ValueError)):
-                        traceback.print_exc()
-                runs.append(record)
-                echo(f"[{len(runs)}/{total}] {method} {name}: {status}")
-    results = _tables(base_cfg, runs, target_list, seeds, methods)
+                jobs.append(Job(method, target, seed, config, sets_of(extra, seed, target, out), out, max_steps))
+    return base_cfg, root_dir, ["zero-shot", *(m for m, _ in methods)], target_list, jobs
+
+
+def _last_logged_step(folder):
+    if not os.path.exists(folder.metrics):
+        return 0
+    with open(folder.metrics) as f:
+        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
+    return max(steps, default=0)
+
+
+def state_of(job):
+    """What the run folder of `job` holds against what the sweep asks for: a record with status
+    ok (finished at the asked length), todo (nothing yet, interrupted, failed, or finished
+    shorter with the same configuration: it resumes to the asked length) or refused (finished
+    longer, or a different configuration: never reported, never overwritten)."""
+    record = {"method": job.method, "target": job.target, "seed": job.seed, "output_dir": job.output_dir}
+    try:
+        cfg = load_config(job.config_path, job.sets)
+    except ConfigError as exc:
+        return {**record, "status": "refused", "reason": str(exc)}
+    asked = 0 if job.zero_shot else cfg.total_steps if job.max_steps is None else min(cfg.total_steps, job.max_steps)
+    record["asked_steps"] = asked
+    folder = RunFolder(job.output_dir)
+    if os.path.exists(folder.config):
+        with open(folder.config) as f:
+            saved = yaml.safe_load(f)
+        changed = run_changing_differences(saved, cfg)
+        if changed:
+            return {**record, "status": "refused", "reason": f"{job.output_dir} holds a run whose configuration "
+                    f"differs in {', '.join(changed)}; move it away or sweep into another --output-dir"}
+    if os.path.exists(folder.summary):
+        with open(folder.summary) as f:
+            summary = json.load(f)
+        steps = summary.get("steps")
+        if steps == asked:
+            return {**record, "status": "ok", "steps": steps, "summary": summary,
+                    "metrics": run_metrics(summary, cfg.task)}
+        if steps is not None and steps > asked:
+            return {**record, "status": "refused", "steps": steps,
+                    "reason": f"finished at {steps} steps; the sweep asks for {asked} (drop --max-steps, or "
+                              "sweep into another --output-dir)"}
+        return {**record, "status": "todo", "steps": steps, "detail": f"finished at {steps} of {asked} steps"}
+    failed = failure_of(job.output_dir)
+    if failed:
+        return {**record, "status": "todo", "failed": failed, "steps": _last_logged_step(folder)}
+    if folder.holds_run():
+        step = _last_logged_step(folder)
+        return {**record, "status": "todo", "steps": step, "detail": f"interrupted at step {step} of {asked}"}
+    return {**record, "status": "todo", "steps": 0, "detail": "pending"}
+
+
+def _final(record):
+    """A record for the table: todo becomes failed (with its error), incomplete or pending."""
+    if record["status"] != "todo":
+        return record
+    if record.get("failed"):
+        return {**record, "status": "failed", "error": record["failed"]}
+    status = "pending" if record.get("detail") == "pending" else "incomplete"
+    return {**record, "status": status}
+
+
+def sweep(config_path, *, seeds=(0, 1, 2), targets=None, baseline=False, max_steps=None, overrides=(),
+          output_dir=None, echo=print, train=None, launcher="local", jobs=None, gpus=None, slurm=None,
+          collect=False):
+    """Run (or, with `collect`, only read) the sweep and write results.md / results.json under
+    the output folder; returns the results dict. `train` is the training function of the local
+    launcher (alignclip.train.train by default); `launcher` one of `launchers.LAUNCHERS`."""
+    base_cfg, root_dir, methods, target_list, planned = plan(
+        config_path, seeds=seeds, targets=targets, baseline=baseline, max_steps=max_steps,
+        overrides=overrides, output_dir=output_dir)
+    states = [state_of(job) for job in planned]
+    todo = [job for job, state in zip(planned, states) if state["status"] == "todo"]
+    for job, state in zip(planned, states):
+        if state["status"] == "refused":
+            echo(f"{job.name}: refused: {state['reason']}")
+        elif state["status"] == "ok":
+            echo(f"{job.name}: finished before ({state['steps']} steps)")
+        elif not collect and state.get("failed"):
+            echo(f"{job.name}: failed before: {state['failed']}; resuming")
+        elif not collect and state["detail"] != "pending":
+            echo(f"{job.name}: {state['detail']}; resuming")
+    if todo and not collect:
+        runner = make_launcher(launcher, root_dir, train=train, jobs=jobs, gpus=gpus, slurm=slurm, echo=echo)
+        echo(f"{len(todo)} of {len(planned)} runs to do, {runner.concurrency} at a time ({launcher} launcher)")
+        runner.run(todo, Tally(len(todo), runner.concurrency, echo))
+    runs = [_final(state_of(job)) for job in planned]
+    results = build(base_cfg, runs, target_list, seeds, methods, domain_names(base_cfg))
     os.makedirs(root_dir, exist_ok=True)
     with open(os.path.join(root_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(root_dir, "results.md"), "w") as f:
         f.write(results["markdown"])
+    save_results_figure(os.path.join(root_dir, "results.png"), results)
     return results
 
 
-def _tables(cfg, runs, target_list, seeds, methods):
-    metric_names = ["test"] + (["open"] if cfg.task in ("open_class", "in_the_wild") else []) + \
-        (["harmonic"] if cfg.task == "open_class" else [])
-    labels = {"test": "base" if cfg.task != "domain_shift" else "test", "open": "new" if cfg.task == "open_class"
-              else "open", "harmonic": "H"}
-    table = {}
-    for method, _ in methods:
-        for target in target_list:
-            ok = [r for r in runs if r["method"] == method and r["target"] == target and r["status"] == "ok"]
-            cell = {}
-            for model in MODELS:
-                for metric in metric_names:
-                    cell[f"{model}/{metric}"] = _mean_std([r["metrics"].get(model, {}).get(metric) for r in ok])
-            cell["seconds_per_step"] = _mean_std([r["summary"].get("seconds_per_step") for r in ok])
-            cell["failed"] = [f"seed {r['seed']}: {r['error']}" for r in runs if r["method"] == method
-                              and r["target"] == target and r["status"] == "failed"]
-            table[(method, target)] = cell
-    lines = [f"# {cfg.data.dataset} ({cfg.task}), seeds {', '.join(map(str, seeds))}", ""]
-    head = ["target"] + [f"{model} {labels[m]}" for model in MODELS for m in metric_names]
-    baseline = len(methods) > 1
-    if baseline:
-        head += ["CLIPood best test", "gain (best)", "step time ÷ CLIPood"]
-    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    averages = {}
-    for target in target_list + ["average"]:
-        if target == "average":
-            def cell_of(method, key):
-                means = [table[(method, t)][key][0] for t in target_list if table[(method, t)][key]]
-                return (statistics.fmean(means), 0.0) if len(means) == len(target_list) else None
-        else:
-            def cell_of(method, key, target=target):
-                return table[(method, target)][key]
-        row = [str(target) if target is not None else cfg.data.dataset]
-        for model in MODELS:
-            for metric in metric_names:
-                value = cell_of("alignclip", f"{model}/{metric}")
-                averages[(target, model, metric)] = value
-                row.append(_fmt(value) if target != "average" or value is None else f"{value[0]:.2f}")
-        if baseline:
-            ours, theirs = cell_of("alignclip", "best/test"), cell_of("clipood", "best/test")
-            t_ours, t_theirs = cell_of("alignclip", "seconds_per_step"), cell_of("clipood", "seconds_per_step")
-            row += [_fmt(theirs) if target != "average" or theirs is None else f"{theirs[0]:.2f}",
-                    f"{ours[0] - theirs[0]:+.2f}" if ours and theirs else "–",
-                    f"{t_ours[0] / t_theirs[0]:.3f}" if t_ours and t_theirs and t_theirs[0] > 0 else "–"]
-        lines.append("| " + " | ".join(row) + " |")
-    failures = [f"- {method} target {target}: {msg}" for (method, target), cell in table.items()
-                for msg in cell["failed"]]
-    if failures:
-        lines += ["", "Failed runs:", *failures]
-    lines.append("")
-    serializable = {f"{m}/target{t}": v for (m, t), v in table.items()}
-    return {"dataset": cfg.data.dataset, "task": cfg.task, "seeds": list(seeds),
-            "targets": target_list, "cells": serializable,
-            "runs": [{k: v for k, v in r.items() if k != "summary"} for r in runs],
-            "markdown": "\n".join(lines)}
-
+def make_launcher(name, root_dir, *, train=None, jobs=None, gpus=None, slurm=None, echo=print):
+    if name == "local":
+        return Local(train, echo=echo)
+    if name == "gpus":
+        return Processes(visible_gpus() if gpus is None else gpus, jobs, echo=echo)
+    if name == "submitit":
+        return Submitit(root_dir, slurm or SlurmOptions(), echo=echo)
+    raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {name!r}")

@@ -13,6 +13,7 @@ Variants the fused attention cannot express exactly (scaled-cosine attention, pe
 norms inside the attention, gated attention, register tokens, pooling other than the CLS token)
 are refused with an error naming the block and the feature.
 """
+import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -156,6 +157,10 @@ class OpenCLIPTower(Tower):
         self.visual.set_grad_checkpointing(enable)
 
 
+# timm tags of image classifiers fine-tuned from CLIP (laion2b_ft_in12k_in1k, openai_ft_in1k, ...)
+CLASSIFIER_TAG = re.compile(r"(^|_)ft(_|$)|in1k|in12k|in21k|in22k")
+
+
 class TimmTower(Tower):
     kind = "timm"
 
@@ -163,6 +168,11 @@ class TimmTower(Tower):
         from timm.models.vision_transformer import Block
 
         self.model = model
+        tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag") or ""
+        if getattr(model, "num_classes", 0) and CLASSIFIER_TAG.search(tag):
+            name = (model.pretrained_cfg.get("architecture") or type(model).__name__) + f".{tag}"
+            raise TowerError(f"timm model {name} ends in a {model.num_classes}-class classifier head, not CLIP's "
+                             "image projection: create it with a CLIP tag (e.g. vit_base_patch16_clip_224.openai)")
         if getattr(model, "global_pool", "token") != "token":
             raise TowerError(f"timm model must pool the CLS token (global_pool='token'), got "
                              f"global_pool={model.global_pool!r}")
@@ -209,9 +219,12 @@ class HFCLIPTower(Tower):
 
     def __init__(self, model):
         self.model = model
+        if getattr(model, "visual_projection", None) is None:
+            raise TowerError(f"{type(model).__name__} has no visual projection, so its tokens are not in CLIP's joint "
+                             "space: load CLIPVisionModelWithProjection")
         core = model.vision_model if hasattr(model, "vision_model") else model
         self.core = core
-        self.projection = getattr(model, "visual_projection", None)
+        self.projection = model.visual_projection
         self.blocks = []
         for layer in core.encoder.layers:
             attn = layer.self_attn
@@ -223,12 +236,10 @@ class HFCLIPTower(Tower):
         return self.core.pre_layrnorm(self.core.embeddings(images))
 
     def head(self, x):
-        x = self.core.post_layernorm(x)
-        return self.projection(x) if self.projection is not None else x
+        return self.projection(self.core.post_layernorm(x))
 
     def forward(self, images):
-        out = self.model(pixel_values=images)
-        return out.image_embeds if self.projection is not None else out.pooler_output
+        return self.model(pixel_values=images).image_embeds
 
     @property
     def grad_checkpointing(self):

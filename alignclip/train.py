@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .bma import BetaMovingAverage
 from .checkpoint import FORMAT, RunError, load, load_weights, rng_state, save_atomic, set_rng_state
-from .clip import build_clip, check_model, logit_scale
+from .clip import build_clip, check_model, logit_scale, random_init_notice
 from .config import RunConfig, resolved_transforms
 from .data import DeviceBatches, build_task, train_loader, worker_count, write_synthetic
 from .data.samples import CorruptImageError
@@ -32,7 +32,9 @@ from .evaluate import Evaluator, image_size
 from .lagged import LaggedReads
 from .losses import AlignCLIPLoss
 from .model import AlignCLIPVisual
-from .run import RunFolder, Stopped, StopSignals
+from .monitor import Monitor
+from .run import RunFolder, Stopped, StopSignals, provenance
+from .step import Stepper, autocast_dtype, warmup_cosine
 from .text import class_text_features
 from .visualize import attention_snapshot, save_attention_figure
 
@@ -79,12 +81,13 @@ def step_batches(task, cfg, size, start, stop, ddp, device):
     return DeviceBatches(loader, kind, size, device, num_classes=len(task.classnames))
 
 
-def finiteness(terms, visual):
-    """The checked loss terms and the gradient norm, one device tensor (read a step late)."""
+def finiteness(terms, grad_norm):
+    """The checked loss terms and the gradient norm, one device tensor (read a step late). Under
+    fp16's loss scaler an overflowing gradient is expected (the scaler skips that step), so
+    `grad_norm` is then None and only the terms are checked."""
     values = [getattr(terms, name).detach().float() for name in CHECKED]
-    grads = [p.grad for p in visual.parameters() if p.grad is not None]
-    if grads:
-        values.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float())
+    if grad_norm is not None:
+        values.append(grad_norm.detach().float())
     return torch.stack(values)
 
 
@@ -106,32 +109,22 @@ def text_tower_state(clip, cfg):
     return {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
 
 
-def tensorboard_writer(cfg, folder, ddp, echo):
-    if not (cfg.train.tensorboard and ddp.main):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        echo("train.tensorboard is on but tensorboard is not installed (pip install "
-             "'alignclip-kernels[tensorboard]'); logging to metrics.jsonl only")
-        return None
-    return SummaryWriter(os.path.join(folder.path, "tensorboard"))
-
-
-def train(cfg: RunConfig, *, max_steps=None, resume=False, overwrite=False, echo=print):
+def train(cfg: RunConfig, *, max_steps=None, resume=False, overwrite=False, echo=print, quiet=False):
     """Train (or resume) the run of `cfg`; returns the summary (rank 0). `max_steps` stops at
-    that absolute step, so a resumed run ends where an unbroken one with the same flag ends."""
+    that absolute step, so a resumed run ends where an unbroken one with the same flag ends.
+    `echo` takes the run's console lines (`monitor.py`); `quiet` keeps only the result."""
     try:
-        return _train(cfg, max_steps, resume, overwrite, echo)
+        return _train(cfg, max_steps, resume, overwrite, echo, quiet)
     except CorruptImageError as exc:   # also re-raised from a DataLoader worker
         raise RunError(CorruptImageError.one_line(exc)) from None
 
 
-def _train(cfg, max_steps, resume, overwrite, echo):
+def _train(cfg, max_steps, resume, overwrite, echo, quiet):
     ddp = distributed.setup()
     device = distributed.resolve_device(cfg.train.device, ddp)
     folder = RunFolder(cfg.output_dir)
     check_model(cfg.model)
+    held = folder.holds_run()
     if ddp.main:
         folder.prepare(cfg, resume=resume, overwrite=overwrite)
     ddp.barrier()
@@ -154,9 +147,9 @@ def _train(cfg, max_steps, resume, overwrite, echo):
                               logit_scale=lc.logit_scale or logit_scale(clip), smoothing=lc.smoothing,
                               aloss=lc.aloss, temperature=lc.temperature, align=lc.align)
     optimizer = torch.optim.AdamW(visual.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.total_steps, cfg.train.warmup_steps))
     bma = BetaMovingAverage(visual, cfg.total_steps, beta=cfg.train.bma_beta)
-    progress = Progress()
+    progress, resumed = Progress(), {}
     size = image_size(visual)
 
     # -- resume ----------------------------------------------------------------------------------
@@ -169,10 +162,11 @@ def _train(cfg, max_steps, resume, overwrite, echo):
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         progress = Progress(**state["progress"])
+        resumed = state.get("stepper", {})
         if ddp.main:
             folder.truncate_metrics(progress.step)
-        echo(f"resumed from step {progress.step}")
-    elif resume:
+            echo(f"resumed from step {progress.step}")
+    elif resume and held and ddp.main:
         echo(f"no checkpoint at {folder.last}: starting from step 0")
 
     def save():
@@ -180,6 +174,7 @@ def _train(cfg, max_steps, resume, overwrite, echo):
             save_atomic({"format": FORMAT, "step": progress.step, "config": cfg.to_dict(),
                          "visual": visual.state_dict(), "bma": bma.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "stepper": stepper.state_dict(),
                          "rng": rng_state(), "progress": dataclasses.asdict(progress), "text": text,
                          "classnames": {"train": task.classnames,
                                         **{k: v.classnames for k, v in task.eval_sets.items()}},
@@ -204,12 +199,18 @@ def _train(cfg, max_steps, resume, overwrite, echo):
     if cfg.train.compile:
         forward = torch.compile(forward)
     stop = cfg.total_steps if max_steps is None else min(cfg.total_steps, max_steps)
-    tb = tensorboard_writer(cfg, folder, ddp, echo)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stepper = Stepper(forward, visual.parameters(), optimizer, scheduler, cfg, device,
+                      no_sync=net.no_sync if ddp.world > 1 else None)
+    stepper.load_state_dict(resumed)
+    monitor = Monitor(cfg, folder, task, start=progress.step, stop=stop, main=ddp.main, quiet=quiet, echo=echo)
+    dtype = autocast_dtype(cfg.train.precision, device)
+    monitor.header(device=device, dtype=f"{'fp32' if dtype is None else str(dtype).split('.')[1]} "
+                   f"(train.precision {cfg.train.precision})", notice=random_init_notice(cfg.model))
     evaluator = Evaluator(task, text, cfg, size, device)
     lagged = LaggedReads(device)
     batches = step_batches(task, cfg, size, progress.step, stop, ddp, device)
     window, window_steps, logged = None, 0, {}
+    session_steps, session_seconds = 0, 0.0
 
     def consume(reads):
         for read in reads:
@@ -217,31 +218,25 @@ def _train(cfg, max_steps, resume, overwrite, echo):
                 check_finite(read, folder.last)
                 continue
             row = {"step": read.step, **dict(zip(LOGGED, read.values)), **logged.pop(read.step)}
-            if ddp.main:
-                folder.log(row)
-                if tb:
-                    for key in (*LOGGED, "lr", "images_per_s", "data_wait"):
-                        tb.add_scalar(f"train/{key}", row[key], read.step)
+            monitor.window(row, session_steps, session_seconds)
 
     with StopSignals() as signals:
         clock, wait_mark, window_start = time.perf_counter(), batches.wait, time.perf_counter()
         for images, labels in batches:
-            with torch.autocast(**amp):
-                terms = forward(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            lagged.push("finite", progress.step + 1, finiteness(terms, visual))
-            optimizer.step()
-            scheduler.step()
+            done = stepper(images, labels)
+            terms = done.terms
+            lagged.push("finite", progress.step + 1, finiteness(terms, None if done.scaled else done.grad_norm))
             bma.update()
             progress.step += 1
             now = time.perf_counter()
             progress.train_seconds += now - clock
+            session_steps, session_seconds = session_steps + 1, session_seconds + now - clock
             clock = now
             accuracy = (terms.logits.detach().argmax(-1) == labels).float().mean()
             values = torch.stack([*(getattr(terms, k).detach().float() for k in LOGGED[:-1]), accuracy])
             window = values if window is None else window + values
             window_steps += 1
+            monitor.advanced(progress.step)
 
             if progress.step % cfg.train.log_every == 0 or progress.step == stop:
                 seconds = max(now - window_start, 1e-9)
@@ -262,11 +257,13 @@ def _train(cfg, max_steps, resume, overwrite, echo):
                         progress.best_epoch = progress.step // cfg.train.iters_per_epoch
                         save_atomic({"visual": visual.state_dict(), "epoch": progress.best_epoch,
                                      "step": progress.step, "val": val}, folder.best)
+                    monitor.evaluation(progress.step, {"last": {"val": val}}, evaluator.by_domain)
                 ddp.barrier()
                 clock = window_start = time.perf_counter()
             if signals.received:
                 consume(lagged.flush())
                 save()
+                monitor.close()
                 raise Stopped(signals.received, progress.step, folder.last)
             if progress.step % cfg.train.checkpoint_every == 0 and progress.step < stop:
                 consume(lagged.flush())
@@ -274,6 +271,7 @@ def _train(cfg, max_steps, resume, overwrite, echo):
                 clock = window_start = time.perf_counter()
     consume(lagged.flush())
     save()
+    monitor.end_bar()
 
     # -- evaluation: each image decoded once for every tower, no pass made twice ----------------
     summary = None
@@ -290,18 +288,16 @@ def _train(cfg, max_steps, resume, overwrite, echo):
         results = evaluator.evaluate(towers, known)
         summary = {"num_classes": len(task.classnames), "steps": progress.step,
                    "seconds_per_step": progress.train_seconds / max(progress.step, 1),
-                   "best_epoch": progress.best_epoch, **results}
+                   "best_epoch": progress.best_epoch, "test_domains": evaluator.test_domains(),
+                   **provenance(cfg), **results}
         folder.write_json(folder.summary, summary)
+        monitor.evaluation(progress.step, results, evaluator.by_domain, final=True)
         if os.path.exists(folder.before):
             before = load(folder.before, required=("images",))
             after = attention_snapshot(model, task, cfg, text["train"], size, device)
             save_attention_figure(os.path.join(cfg.output_dir, "attention.png"), before, after,
-                                  resolved_transforms(cfg))
-        if tb:
-            for tag, accs in results.items():
-                for name, acc in accs.items():
-                    if acc is not None:
-                        tb.add_scalar(f"{tag}/{name}", acc, progress.step)
-            tb.close()
+                                  resolved_transforms(cfg), task)
+        monitor.result(summary)
+    monitor.close()
     ddp.barrier()
     return summary

@@ -206,6 +206,22 @@ def test_variants_the_fused_op_cannot_express_are_refused_by_block_and_feature(m
         AlignCLIPVisual(make())
 
 
+def test_towers_whose_output_is_not_clips_image_embedding_are_refused_in_one_line():
+    timm = pytest.importorskip("timm")
+    classifier = timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=32, patch_size=16,
+                                   depth=1)   # the architecture's default tag: a 1000-class classifier
+    with pytest.raises(TowerError, match=r"laion2b_ft_in12k_in1k ends in a 1000-class classifier head") as info:
+        AlignCLIPVisual(classifier)
+    assert len(str(info.value).splitlines()) == 1
+    AlignCLIPVisual(timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, img_size=32, depth=2),
+                    dual_layers=1, aal_layers=(0,))
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    with pytest.raises(TowerError, match="CLIPVisionModel has no visual projection.*CLIPVisionModelWithProjection"):
+        AlignCLIPVisual(transformers.CLIPVisionModel(config))
+
+
 def test_refuses_non_vit_towers_and_bad_layers():
     with pytest.raises(TypeError, match="ViT image tower"):
         AlignCLIPVisual(torch.nn.Linear(2, 2))

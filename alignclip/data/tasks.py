@@ -10,8 +10,8 @@
   `val` = base val split, `test` = base test split against the base names, `open` = the new
   classes' test split against the new names.
 """
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .samples import Sample, seed_hash
 class EvalSet:
     samples: List[Sample]          # labels index `classnames`
     classnames: List[str]
+    domains: List[Tuple[str, int]] = field(default_factory=list)   # (domain, images) in sample order
 
 
 @dataclass
@@ -33,6 +34,12 @@ class Task:
     domain_names: List[str]
     eval_sets: Dict[str, EvalSet]
     template: str                          # the data set's prompt
+
+
+def _over_domains(named_parts, classnames):
+    """The EvalSet of [(domain, samples)]: the samples concatenated, each domain's count kept."""
+    return EvalSet([s for _, part in named_parts for s in part], classnames,
+                   [(name, len(part)) for name, part in named_parts])
 
 
 def _targets(targets, domains):
@@ -68,8 +75,8 @@ def _open_class(data, seed):
     train = _shots(_keep(splits["train"], base), data.shots, seed)
     return Task(names[:m], [train], [data.dataset], {
         "val": EvalSet(_keep(splits["val"], base), names[:m]),
-        "test": EvalSet(_keep(splits["test"], base), names[:m]),
-        "open": EvalSet(_keep(splits["test"], new, m), names[m:]),
+        "test": _over_domains([(data.dataset, _keep(splits["test"], base))], names[:m]),
+        "open": _over_domains([(data.dataset, _keep(splits["test"], new, m))], names[m:]),
     }, coop.template(data.dataset))
 
 
@@ -78,8 +85,8 @@ def _domain_shift(data, domains, classes, samples, targets):
              for i, d in enumerate(domains)]
     sources = [i for i in range(len(domains)) if i not in targets]
     return Task(classes, [parts[i][0] for i in sources], [domains[i] for i in sources], {
-        "val": EvalSet([s for i in sources for s in parts[i][1]], classes),
-        "test": EvalSet([s for i in sorted(targets) for s in parts[i][1]], classes),
+        "val": _over_domains([(domains[i], parts[i][1]) for i in sources], classes),
+        "test": _over_domains([(domains[i], parts[i][1]) for i in sorted(targets)], classes),
     }, domainbed.TEMPLATE)
 
 
@@ -89,11 +96,11 @@ def _in_the_wild(data, domains, classes, samples, targets):
     sources = [i for i in range(len(domains)) if i not in targets]
     splits = {i: domainbed.holdout_split(_keep(samples[domains[i]], base), data.split_seed, i, "base",
                                          fraction=data.holdout_fraction) for i in sources}
-    whole = [s for i in sorted(targets) for s in samples[domains[i]]]
+    whole = [(domains[i], samples[domains[i]]) for i in sorted(targets)]
     return Task(classes[:m], [splits[i][0] for i in sources], [domains[i] for i in sources], {
-        "val": EvalSet([s for i in sources for s in splits[i][1]], classes[:m]),
-        "test": EvalSet(_keep(whole, base), classes),
-        "open": EvalSet(_keep(whole, open_), classes),
+        "val": _over_domains([(domains[i], splits[i][1]) for i in sources], classes[:m]),
+        "test": _over_domains([(name, _keep(part, base)) for name, part in whole], classes),
+        "open": _over_domains([(name, _keep(part, open_)) for name, part in whole], classes),
     }, domainbed.TEMPLATE)
 
 
