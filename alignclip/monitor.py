@@ -179,7 +179,8 @@ class Monitor:
         loss_ax.set_ylabel("loss (window mean)")
         loss_ax.set_yscale("symlog", linthresh=1e-3)
         loss_ax.set_title("loss terms", fontsize=9)
-        loss_ax.legend(fontsize=7)
+        if train:
+            loss_ax.legend(fontsize=7)
         acc_ax.plot([r["step"] for r in train], [100 * r["train_acc"] for r in train], label="train (batch)",
                     color="#bbbbbb", linewidth=1)
         if evals:

@@ -14,6 +14,7 @@
 """
 import contextlib
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -93,7 +94,7 @@ class Stepper:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             with warnings.catch_warnings():   # a step the scaler skipped is expected, not a misordering
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
         else:
             self.optimizer.step()

@@ -144,3 +144,14 @@ def test_model_and_loss_under_cpu_bf16_autocast_are_finite_with_fp32_sls_logits(
     terms.total.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_setup_py_defers_to_pyproject():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "setup.py", "--name", "--version"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-2:] == ["alignclip-kernels", "0.2.0"]
