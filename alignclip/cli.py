@@ -167,11 +167,6 @@ def _run(args, argv):
 def _sweep(args):
     from .sweep import sweep
 
-    for option in args.slurm_option:
-        if "=" not in option:
-            raise ConfigError(f"--slurm-option takes KEY=VALUE (an sbatch option), got {option!r}")
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     try:
         gpus = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
     except ValueError:

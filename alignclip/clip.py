@@ -44,7 +44,7 @@ def _cached(tag_cfg):
 
 def _check_layers(model_cfg):
     """The configured blocks and the head dimension against the architecture's own config."""
-    from alignclip_kernels.attention import HEAD_DIMS
+    from alignclip_kernels.attention import kernel_head_dim_problem
 
     arch = model_cfg.arch
     vision = (open_clip.get_model_config(arch) or {}).get("vision_cfg", {})
@@ -56,9 +56,9 @@ def _check_layers(model_cfg):
     bad = [i for i in model_cfg.aal_layers if i >= depth]
     if bad:
         raise RunError(f"model.aal_layers {bad} out of range: {arch} has blocks 0..{depth - 1}")
-    head_dim = vision.get("head_width", 64)
-    if head_dim not in HEAD_DIMS:
-        raise RunError(f"{arch} has head dim {head_dim}; the fused attention takes {HEAD_DIMS}")
+    problem = kernel_head_dim_problem(vision.get("head_width", 64))
+    if problem:
+        raise RunError(f"{arch}: {problem}")
 
 
 def check_model(model_cfg):

@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: Optional[float] = None     # clip the gradient's global L2 norm to this (null: no clipping)
     accumulate: int = 1                   # micro-batches a step (same effective batch, less activation memory)
     precision: str = "auto"               # auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 (loss scaler) | fp32
+    deterministic: bool = False           # bitwise-repeatable steps: torch.use_deterministic_algorithms(True)
     bma_beta: float = 0.5                 # CLIPood's beta moving average
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile the model and loss

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from .checkpoint import RunError
+from .monitor import clock
 from .run import Stopped, StopSignals
 
 LAUNCHERS = ("local", "gpus", "submitit")
@@ -137,12 +138,7 @@ class Tally:
         status = "ok" if outcome.ok else f"failed: {outcome.error}"
         self.echo(f"[{self.done + self.failed}/{self.total}] {job.name}: {status} ({seconds:.0f} s) · "
                   f"done {self.done}, running {self.running}, pending {pending}, failed {self.failed}"
-                  + (f" · ETA {_clock(eta)}" if left else ""))
-
-
-def _clock(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+                  + (f" · ETA {clock(eta)}" if left else ""))
 
 
 class Local:
@@ -205,7 +201,9 @@ class Processes:
     """A subprocess per run, `slots` at a time: each slot a GPU (or none) and a share of the cores."""
 
     def __init__(self, gpus, jobs=None, echo=print):
-        count = jobs or len(gpus)
+        if jobs is not None and jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {jobs}")
+        count = len(gpus) if jobs is None else jobs
         if count < 1:
             raise ValueError("the gpus launcher found no GPU here; --jobs N runs N CPU runs at once")
         self.slots = [{"gpu": gpus[i % len(gpus)] if gpus else None, "cores": cores}
@@ -305,6 +303,9 @@ class Submitit:
         if options.cluster == "slurm" and not _has_sbatch():
             raise ValueError("the submitit launcher found no SLURM here (no sbatch on PATH); "
                              "--submitit-cluster local runs the same jobs as local processes")
+        bad = [option for option in options.options if "=" not in option]
+        if bad:
+            raise ValueError(f"--slurm-option takes KEY=VALUE (an sbatch option), got {bad[0]!r}")
         self.executor = submitit.AutoExecutor(folder=os.path.join(folder, "submitit"), cluster=options.cluster)
         extra = dict(option.split("=", 1) for option in options.options)
         params = dict(name="alignclip-sweep", timeout_min=options.time_min, gpus_per_node=options.gpus_per_job,

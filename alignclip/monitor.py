@@ -12,7 +12,6 @@ the tower, the accuracy and one per domain), the same scalars in TensorBoard or 
 Biases (`train.logger`), and `curves.png` (loss terms and accuracies against steps, per
 domain), redrawn at every evaluation.
 """
-import json
 import os
 import sys
 
@@ -21,7 +20,8 @@ from .data.samples import seed_hash
 CURVES = ("total", "sls", "aal", "sim_align")
 
 
-def _clock(seconds):
+def clock(seconds):
+    """h:mm:ss, for ETAs."""
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -130,7 +130,7 @@ class Monitor:
             self.say(f"step {row['step']}/{self.stop} (epoch {self._epoch(row['step'])}) · loss {row['total']:.4f} "
                      f"(sls {row['sls']:.4f}, aal {row['aal']:.4f}, sim {row['sim_align']:.4f}) · "
                      f"train acc {100 * row['train_acc']:.1f}% · {row['images_per_s']:.0f} img/s · "
-                     f"data wait {100 * row['data_wait']:.0f}% · ETA {_clock(eta)}")
+                     f"data wait {100 * row['data_wait']:.0f}% · ETA {clock(eta)}")
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluation(self, step, results, by_domain, final=False):
@@ -160,13 +160,12 @@ class Monitor:
 
     def curves(self):
         """curves.png from metrics.jsonl: loss terms, then train and validation accuracy per domain."""
-        if not self.main or not os.path.exists(self.folder.metrics):
+        rows = self.folder.rows() if self.main else []
+        if not rows:
             return
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        with open(self.folder.metrics) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
         train = [r for r in rows if "eval" not in r]
         evals = [r for r in rows if r.get("eval") == "val" and r.get("tower") == "last"]
         fig = Figure(figsize=(10, 3.6))

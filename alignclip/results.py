@@ -10,9 +10,9 @@ AlignCLIP ÷ CLIPood is measured over each run's steady-state steps (its logged 
 the first, the median seconds a step), paired by target and seed, with its spread. Runs that
 are not final (pending, interrupted, failed, refused) are listed, never averaged in.
 """
-import json
-import os
 import statistics
+
+from .run import RunFolder
 
 TOWERS = ("last", "bma", "best")
 TOWER_NAMES = {"zero_shot": "–", "last": "last", "bma": "BMA", "best": "best"}
@@ -63,12 +63,7 @@ def _cell(stat):
 def steady_seconds_per_step(output_dir):
     """The median seconds a step over a run's logged windows after the first (which holds the
     warm-up and compilation), or None with fewer than two such windows."""
-    path = os.path.join(output_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if "seconds" in r and "step" in r]
+    rows = [r for r in RunFolder(output_dir).rows() if "seconds" in r and "step" in r]
     rates = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"])
              for a, b in zip(rows, rows[1:]) if b["step"] > a["step"]]
     return statistics.median(rates) if len(rates) >= 2 else None

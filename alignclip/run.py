@@ -18,8 +18,8 @@ import sys
 from .checkpoint import RunError
 from .config import config_hash, run_changing_differences
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "attention.png",
-             "checkpoints", "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "attention.png", "curves.png",
+             "checkpoints", "tensorboard", "wandb", "train.log", "failed.json")
 
 
 class RunFolder:
@@ -72,16 +72,21 @@ class RunFolder:
             raise RunError(f"cannot resume {self.path}: the configuration differs from the saved run's "
                            f"in {', '.join(changed)}")
 
+    def rows(self):
+        """The rows of metrics.jsonl ([] before the first)."""
+        if not os.path.exists(self.metrics):
+            return []
+        with open(self.metrics) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def truncate_metrics(self, step):
         """Drop logged rows after `step` (they came after the checkpoint a resume starts from) and
         the final evaluation of a run ended early (`--max-steps`): the resumed run goes on."""
         if not os.path.exists(self.metrics):
             return
-        with open(self.metrics) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step
-                    and not json.loads(line).get("final")]
+        kept = [r for r in self.rows() if r.get("step", 0) <= step and not r.get("final")]
         with open(self.metrics, "w") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def log(self, row):
         with open(self.metrics, "a") as f:

@@ -11,9 +11,13 @@
 - `train.grad_clip`: the gradient's global L2 norm clipped to this value (after unscaling).
 - `train.warmup_steps`: the learning rate rises linearly over these steps, then follows the
   cosine over the remaining ones; 0 is the authors' plain cosine over all steps.
+- `train.deterministic`: `torch.use_deterministic_algorithms(True)` for the run, so the fused
+  ops take their deterministic mode (no float atomics) and PyTorch its own; an op without a
+  deterministic implementation then raises rather than silently varying.
 """
 import contextlib
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -22,6 +26,22 @@ from typing import Optional
 import torch
 
 from .checkpoint import RunError
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled):
+    """`torch.use_deterministic_algorithms(True)` inside (the previous setting restored after),
+    with the cuBLAS workspace PyTorch then asks for, unless the environment chose one."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def autocast_dtype(precision, device):
@@ -84,12 +104,11 @@ class Stepper:
             total = _summed(total, None, scale=1.0 / len(parts))
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = None
         if self.clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        elif grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

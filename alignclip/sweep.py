@@ -77,11 +77,7 @@ def plan(config_path, *, seeds, targets, baseline, max_steps, overrides, output_
 
 
 def _last_logged_step(folder):
-    if not os.path.exists(folder.metrics):
-        return 0
-    with open(folder.metrics) as f:
-        steps = [json.loads(line).get("step", 0) for line in f if line.strip()]
-    return max(steps, default=0)
+    return max((r.get("step", 0) for r in folder.rows()), default=0)
 
 
 def state_of(job):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from alignclip_kernels import split_qkv
+from alignclip_kernels.attention import kernel_head_dim_problem
 
 
 class TowerError(TypeError):
@@ -253,7 +254,18 @@ class HFCLIPTower(Tower):
 
 
 def tower_for(visual):
-    """The adapter for `visual`, or a TowerError saying what is supported."""
+    """The adapter for `visual`, or a TowerError saying what is supported (the kind of tower,
+    and a head dim the kernels take in every block)."""
+    tower = _adapter(visual)
+    for i, block in enumerate(tower.blocks):
+        width = block.out_proj.in_features
+        problem = kernel_head_dim_problem(width // block.num_heads)
+        if problem:
+            raise TowerError(f"{type(visual).__name__} block {i} ({block.num_heads} heads of width {width}): {problem}")
+    return tower
+
+
+def _adapter(visual):
     kinds = []
     try:
         from open_clip.transformer import VisionTransformer as OpenCLIPViT

@@ -34,7 +34,7 @@ from .losses import AlignCLIPLoss
 from .model import AlignCLIPVisual
 from .monitor import Monitor
 from .run import RunFolder, Stopped, StopSignals, provenance
-from .step import Stepper, autocast_dtype, warmup_cosine
+from .step import Stepper, autocast_dtype, deterministic_algorithms, warmup_cosine
 from .text import class_text_features
 from .visualize import attention_snapshot, save_attention_figure
 
@@ -114,7 +114,8 @@ def train(cfg: RunConfig, *, max_steps=None, resume=False, overwrite=False, echo
     that absolute step, so a resumed run ends where an unbroken one with the same flag ends.
     `echo` takes the run's console lines (`monitor.py`); `quiet` keeps only the result."""
     try:
-        return _train(cfg, max_steps, resume, overwrite, echo, quiet)
+        with deterministic_algorithms(cfg.train.deterministic):
+            return _train(cfg, max_steps, resume, overwrite, echo, quiet)
     except CorruptImageError as exc:   # also re-raised from a DataLoader worker
         raise RunError(CorruptImageError.one_line(exc)) from None
 

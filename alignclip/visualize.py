@@ -87,6 +87,7 @@ def save_attention_figure(path, before, after, transforms, task):
     fig.suptitle(f"CLS attention to the patches (mean over {averaged} and heads) and the D-V target G; "
                  "one colour scale per row", fontsize=9)
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def save_results_figure(path, results):

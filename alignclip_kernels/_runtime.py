@@ -164,6 +164,26 @@ def loss_pytorch_path(oracle, first, *args, **kwargs):
         return oracle(first, *args, **kwargs)
 
 
+def deterministic_flag(flag=None) -> bool:
+    """Whether an op avoids float atomics: `flag` when given, else
+    `torch.use_deterministic_algorithms`' setting. Deterministic launches write per-program
+    partial results and combine them in a fixed order (see each op's docstring): bitwise the
+    same from run to run, at the extra cost the work counter reports."""
+    if flag is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(flag, bool):
+        raise TypeError(f"deterministic must be None or a bool, got {type(flag).__name__}")
+    return flag
+
+
+def on_device(tensor):
+    """The CUDA device guard of `tensor`'s device: Triton launches on the current device, so a
+    launch for tensors on cuda:1 while cuda:0 is current would fault without it."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

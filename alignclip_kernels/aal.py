@@ -36,17 +36,18 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
-from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
+from ._runtime import HAS_TRITON, cuda_arch, deterministic_flag, loss_pytorch_path, next_pow2, on_device, runs_triton
+from .kernel_utils import LaunchConfig, loss_buffer, loss_total, placeholder, refuse_double_backward, split_blocks
 from .paper import TEMPERATURE
 from .token_text_target import _check as _check_target
+from .token_text_target import combined_text_grads, text_row_grads
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, last_to_arrive, split_block
-    from .token_text_target import cosine_backward, label_row, row_cosines, text_inv_norm
+    from .kernel_utils import add_loss, combine_logsumexp, last_to_arrive, split_block
+    from .token_text_target import cosine_backward, label_row, row_cosines, text_grad_row, text_inv_norm
 
 TINY = reference.TINY
 EPS = reference.NORM_EPS
@@ -128,8 +129,9 @@ if HAS_TRITON:
         L, H, P, E, K, n_blocks, blocks_per_program, inv_b, inv_temp, eps, tiny,
         BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_L: tl.constexpr, FROM_TOKENS: tl.constexpr, SPLIT: tl.constexpr,
+        EXACT_ORDER: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
         offs_l = tl.arange(0, BLOCK_L)
@@ -211,7 +213,7 @@ if HAS_TRITON:
             tl.store(stats + 2, s_unit)
             tl.store(stats + 3 + offs_l, totals, mask=offs_l < L)
             tl.store(stats + 3 + L + offs_l, r_unit, mask=offs_l < L)
-            tl.atomic_add(Loss, tl.where(label_ok, kl, float("nan")) * inv_b)
+            add_loss(Loss, b, tl.where(label_ok, kl, float("nan")) * inv_b, EXACT_ORDER)
 
     @triton.jit
     def _aal_bwd_kernel(
@@ -224,9 +226,9 @@ if HAS_TRITON:
         L, H, P, E, K, n_blocks, blocks_per_program, inv_b, inv_temp, eps, tiny,
         BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_E: tl.constexpr,
         BLOCK_L: tl.constexpr, FROM_TOKENS: tl.constexpr, TARGET_GRAD: tl.constexpr,
-        TEXT_GRAD: tl.constexpr,
+        TEXT_GRAD: tl.constexpr, EXACT_ORDER: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         offs_l = tl.arange(0, BLOCK_L)
         up = tl.load(DLoss).to(tl.float32) * inv_b
@@ -274,14 +276,15 @@ if HAS_TRITON:
                     c = tl.load(RowStats + (b * P + offs_p) * 2, mask=p_mask, other=0.0)
                     nu = tl.load(RowStats + (b * P + offs_p) * 2 + 1, mask=p_mask, other=1.0)
                     cosine_backward(Tok + b * stride_tb, stride_tp, stride_te, Text_row, stride_xe,
-                                    DTok + b * stride_dtb, stride_dtp, stride_dte, DText + y * E,
-                                    offs_p, p_mask, dc, c, nu, E, inv_nt, nt, eps, BLOCK_P,
-                                    BLOCK_E, TEXT_GRAD)
+                                    DTok + b * stride_dtb, stride_dtp, stride_dte,
+                                    text_grad_row(DText, y, b, split, E, EXACT_ORDER), offs_p, p_mask,
+                                    dc, c, nu, E, inv_nt, nt, eps, BLOCK_P, BLOCK_E, TEXT_GRAD,
+                                    EXACT_ORDER)
                 elif TARGET_GRAD:
                     tl.store(DTarget + b * P + offs_p, dg, mask=p_mask)
 
 
-def _aal_launch(cls_attn, target, tokens, text, labels, temperature, config):
+def _aal_launch(cls_attn, target, tokens, text, labels, temperature, config, exact_order):
     """The grid and the arguments both kernels take: G given (`target`) or from the tokens."""
     n_layers, b, h, n = cls_attn.shape
     from_tokens = target is None
@@ -305,40 +308,41 @@ def _aal_launch(cls_attn, target, tokens, text, labels, temperature, config):
         **given,
         L=n_layers, H=h, P=n - 1, E=e, n_blocks=n_blocks, blocks_per_program=per_program,
         inv_b=1.0 / b, inv_temp=1.0 / temperature, eps=EPS, tiny=TINY,
-        BLOCK_L=next_pow2(n_layers), FROM_TOKENS=from_tokens, **config.kwargs,
+        BLOCK_L=next_pow2(n_layers), FROM_TOKENS=from_tokens, EXACT_ORDER=exact_order, **config.kwargs,
     )
     return (b, splits), args
 
 
-def _aal_fwd(cls_attn, target, tokens, text, labels, temperature, config=None):
+def _aal_fwd(cls_attn, target, tokens, text, labels, temperature, exact_order=False, config=None):
     """(loss, head means [B, L, P], z [B, P], row stats [B, P, 2], per-image stats) — the
     last four kept for the backward. `target` or (`tokens`, `text`, `labels`) is None."""
-    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config)
+    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config, exact_order)
     n_layers, b, _, n = cls_attn.shape
     splits = grid[1]
     dev = cls_attn.device
     f32 = dict(dtype=torch.float32, device=dev)
-    loss = torch.zeros((), **f32)
+    loss = loss_buffer(b, dev, exact_order)
     mean = torch.empty((b, n_layers, n - 1), **f32)
     z = torch.empty((b, n - 1), **f32) if args["FROM_TOKENS"] else placeholder(dev)
     row_stats = torch.empty((b, n - 1, 2), **f32) if args["FROM_TOKENS"] else placeholder(dev)
     partial = torch.empty((b, splits, 2 + n_layers), **f32)
     stats = torch.empty((b, _stats_width(n_layers)), **f32)
     tickets = torch.zeros((b,), dtype=torch.int32, device=dev)
-    _aal_fwd_kernel[grid](
-        Attn=cls_attn, Loss=loss, Mean=mean, Z=z, RowStats=row_stats, Partial=partial,
-        Stats=stats, Tickets=tickets,
-        stride_al=cls_attn.stride(0), stride_ab=cls_attn.stride(1), stride_ah=cls_attn.stride(2),
-        stride_an=cls_attn.stride(3),
-        SPLIT=splits > 1, **args,
-    )
-    return loss, mean, z, row_stats, stats
+    with on_device(cls_attn):
+        _aal_fwd_kernel[grid](
+            Attn=cls_attn, Loss=loss, Mean=mean, Z=z, RowStats=row_stats, Partial=partial,
+            Stats=stats, Tickets=tickets,
+            stride_al=cls_attn.stride(0), stride_ab=cls_attn.stride(1), stride_ah=cls_attn.stride(2),
+            stride_an=cls_attn.stride(3),
+            SPLIT=splits > 1, **args,
+        )
+    return loss_total(loss, exact_order), mean, z, row_stats, stats
 
 
 def _aal_bwd(dloss, cls_attn, target, tokens, text, labels, temperature, mean, z, row_stats, stats,
-             target_grad, text_grad, config=None):
+             target_grad, text_grad, exact_order=False, config=None):
     """(d cls_attn [L, B, H, N] fp32, d target fp32 or None, d tokens or None, d text fp32 or None)."""
-    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config)
+    grid, args = _aal_launch(cls_attn, target, tokens, text, labels, temperature, config, exact_order)
     from_tokens = args["FROM_TOKENS"]
     _, b, _, n = cls_attn.shape
     dev = cls_attn.device
@@ -347,32 +351,35 @@ def _aal_bwd(dloss, cls_attn, target, tokens, text, labels, temperature, mean, z
     text_grad = text_grad and from_tokens
     dtarget = torch.empty((b, n - 1), dtype=torch.float32, device=dev) if target_grad else None
     dtok = torch.empty(tokens.shape, dtype=tokens.dtype, device=dev) if from_tokens else None
-    dtext = torch.zeros(text.shape, dtype=torch.float32, device=dev) if text_grad else None
+    dtext = text_row_grads(b, grid[1], text, exact_order) if text_grad else None
     unused = placeholder(dev)
-    _aal_bwd_kernel[grid](
-        Mean=mean, Z=z, RowStats=row_stats, Stats=stats, DLoss=dloss, DAttn=dattn,
-        DTarget=dtarget if target_grad else unused, DTok=dtok if from_tokens else unused,
-        DText=dtext if text_grad else unused,
-        stride_dl=dattn.stride(0), stride_db=dattn.stride(1), stride_dh=dattn.stride(2),
-        stride_dn=dattn.stride(3),
-        stride_dtb=dtok.stride(0) if from_tokens else 0,
-        stride_dtp=dtok.stride(1) if from_tokens else 0,
-        stride_dte=dtok.stride(2) if from_tokens else 0,
-        TARGET_GRAD=target_grad, TEXT_GRAD=text_grad, **args,
-    )
+    with on_device(cls_attn):
+        _aal_bwd_kernel[grid](
+            Mean=mean, Z=z, RowStats=row_stats, Stats=stats, DLoss=dloss, DAttn=dattn,
+            DTarget=dtarget if target_grad else unused, DTok=dtok if from_tokens else unused,
+            DText=dtext if text_grad else unused,
+            stride_dl=dattn.stride(0), stride_db=dattn.stride(1), stride_dh=dattn.stride(2),
+            stride_dn=dattn.stride(3),
+            stride_dtb=dtok.stride(0) if from_tokens else 0,
+            stride_dtp=dtok.stride(1) if from_tokens else 0,
+            stride_dte=dtok.stride(2) if from_tokens else 0,
+            TARGET_GRAD=target_grad, TEXT_GRAD=text_grad, **args,
+        )
+        if text_grad:
+            dtext = combined_text_grads(dtext, labels, text.shape[0], exact_order)
     return dattn, dtarget, dtok, dtext
 
 
 # -- aal_kl_loss: G given ------------------------------------------------------------------------
 
 @torch.library.custom_op("alignclip::aal_kl_loss", mutates_args=())
-def _aal_kl_op(cls_attn: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    loss, mean, _, _, stats = _aal_fwd(cls_attn, target, None, None, None, 1.0)
+def _aal_kl_op(cls_attn: Tensor, target: Tensor, exact_order: bool) -> tuple[Tensor, Tensor, Tensor]:
+    loss, mean, _, _, stats = _aal_fwd(cls_attn, target, None, None, None, 1.0, exact_order)
     return loss, mean, stats
 
 
 @_aal_kl_op.register_fake
-def _(cls_attn, target):
+def _(cls_attn, target, exact_order):
     n_layers, b, _, n = cls_attn.shape
     f32 = dict(dtype=torch.float32)
     return (cls_attn.new_empty((), **f32), cls_attn.new_empty((b, n_layers, n - 1), **f32),
@@ -394,7 +401,7 @@ def _(dloss, cls_attn, target, mean, stats, target_grad):
 
 
 def _aal_kl_setup(ctx, inputs, output):
-    cls_attn, target = inputs
+    cls_attn, target, _ = inputs
     _, mean, stats = output
     ctx.save_for_backward(cls_attn, target, mean, stats)
 
@@ -404,7 +411,7 @@ def _aal_kl_backward(ctx, dloss, _d_mean, _d_stats):
     cls_attn, target, mean, stats = ctx.saved_tensors
     target_grad = ctx.needs_input_grad[1]
     dattn, dtarget = _aal_kl_bwd_op(dloss, cls_attn, target, mean, stats, target_grad)
-    return dattn, (dtarget if target_grad else None)
+    return dattn, (dtarget if target_grad else None), None
 
 
 _aal_kl_op.register_autograd(_aal_kl_backward, setup_context=_aal_kl_setup)
@@ -414,12 +421,12 @@ _aal_kl_op.register_autograd(_aal_kl_backward, setup_context=_aal_kl_setup)
 
 @torch.library.custom_op("alignclip::aal_loss", mutates_args=())
 def _aal_op(cls_attn: Tensor, tokens: Tensor, text: Tensor, labels: Tensor,
-            temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _aal_fwd(cls_attn, None, tokens, text, labels, temperature)
+            temperature: float, exact_order: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _aal_fwd(cls_attn, None, tokens, text, labels, temperature, exact_order)
 
 
 @_aal_op.register_fake
-def _(cls_attn, tokens, text, labels, temperature):
+def _(cls_attn, tokens, text, labels, temperature, exact_order):
     n_layers, b, _, n = cls_attn.shape
     f32 = dict(dtype=torch.float32)
     return (cls_attn.new_empty((), **f32), cls_attn.new_empty((b, n_layers, n - 1), **f32),
@@ -430,23 +437,24 @@ def _(cls_attn, tokens, text, labels, temperature):
 @torch.library.custom_op("alignclip::aal_loss_backward", mutates_args=())
 def _aal_bwd_op(dloss: Tensor, cls_attn: Tensor, tokens: Tensor, text: Tensor, labels: Tensor,
                 temperature: float, mean: Tensor, z: Tensor, row_stats: Tensor, stats: Tensor,
-                text_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                text_grad: bool, exact_order: bool) -> tuple[Tensor, Tensor, Tensor]:
     dattn, _, dtok, dtext = _aal_bwd(dloss, cls_attn, None, tokens, text, labels, temperature, mean,
-                                     z, row_stats, stats, False, text_grad)
+                                     z, row_stats, stats, False, text_grad, exact_order)
     return dattn.to(cls_attn.dtype), dtok, (dtext.to(text.dtype) if text_grad else text.new_empty(0))
 
 
 @_aal_bwd_op.register_fake
-def _(dloss, cls_attn, tokens, text, labels, temperature, mean, z, row_stats, stats, text_grad):
+def _(dloss, cls_attn, tokens, text, labels, temperature, mean, z, row_stats, stats, text_grad,
+      exact_order):
     return (torch.empty_like(cls_attn), torch.empty_like(tokens),
             text.new_empty(text.shape if text_grad else (0,)))
 
 
 def _aal_setup(ctx, inputs, output):
-    cls_attn, tokens, text, labels, temperature = inputs
+    cls_attn, tokens, text, labels, temperature, exact_order = inputs
     _, mean, z, row_stats, stats = output
     ctx.save_for_backward(cls_attn, tokens, text, labels, mean, z, row_stats, stats)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.exact_order = temperature, exact_order
 
 
 def _aal_backward(ctx, dloss, *_unused):
@@ -454,8 +462,8 @@ def _aal_backward(ctx, dloss, *_unused):
     cls_attn, tokens, text, labels, mean, z, row_stats, stats = ctx.saved_tensors
     text_grad = ctx.needs_input_grad[2]
     dattn, dtok, dtext = _aal_bwd_op(dloss, cls_attn, tokens, text, labels, ctx.temperature, mean,
-                                     z, row_stats, stats, text_grad)
-    return dattn, dtok, (dtext if text_grad else None), None, None
+                                     z, row_stats, stats, text_grad, ctx.exact_order)
+    return dattn, dtok, (dtext if text_grad else None), None, None, None
 
 
 _aal_op.register_autograd(_aal_backward, setup_context=_aal_setup)
@@ -479,19 +487,25 @@ def _check_kl(cls_attn, target):
                          f"[L, B, H, N]={tuple(cls_attn.shape)}, got {tuple(target.shape)}")
 
 
-def aal_kl_loss(cls_attn, target):
-    """AAL: `F.kl_div(A.log(), target, reduction="batchmean")` with A from the CLS attention rows."""
+def aal_kl_loss(cls_attn, target, *, deterministic=None):
+    """AAL: `F.kl_div(A.log(), target, reduction="batchmean")` with A from the CLS attention rows.
+
+    `deterministic` (default: `torch.use_deterministic_algorithms`' setting): the loss summed
+    in image order, not atomically."""
     _check_kl(cls_attn, target)
+    exact_order = deterministic_flag(deterministic)
     if not runs_triton(cls_attn) or not runs_triton(target):
         return loss_pytorch_path(reference.aal_kl_loss, cls_attn, target)
-    return _aal_kl_op(cls_attn, target)[0]
+    return _aal_kl_op(cls_attn, target, exact_order)[0]
 
 
-def aal_loss(cls_attn, tokens, text, labels, *, temperature=TEMPERATURE):
+def aal_loss(cls_attn, tokens, text, labels, *, temperature=TEMPERATURE, deterministic=None):
     """AAL with its target computed in the same kernels: `aal_kl_loss(cls_attn,
     token_text_target(tokens, text, labels, temperature=temperature))`, one forward and one
-    backward launch. tokens: the D-V path's patch tokens [B, N-1, E]."""
+    backward launch. tokens: the D-V path's patch tokens [B, N-1, E]. `deterministic` as in
+    `aal_kl_loss`, and d(text) without atomics."""
     b, n = _check_attn(cls_attn)
+    exact_order = deterministic_flag(deterministic)
     temperature = _check_target(tokens, text, labels, temperature)
     _checks.same_device(cls_attn=cls_attn, tokens=tokens)
     if tuple(tokens.shape[:2]) != (b, n - 1):
@@ -500,4 +514,4 @@ def aal_loss(cls_attn, tokens, text, labels, *, temperature=TEMPERATURE):
     if not runs_triton(cls_attn) or not runs_triton(tokens):
         return loss_pytorch_path(reference.aal_loss, cls_attn, tokens, text, labels,
                                  temperature=temperature)
-    return _aal_op(cls_attn, tokens, text, labels, temperature)[0]
+    return _aal_op(cls_attn, tokens, text, labels, temperature, exact_order)[0]

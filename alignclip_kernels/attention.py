@@ -40,18 +40,40 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from ._runtime import HAS_TRITON, autotune_enabled, cuda_arch, dot_precision, next_pow2, runs_triton
+from ._runtime import (
+    HAS_TRITON,
+    autotune_enabled,
+    cuda_arch,
+    deterministic_flag,
+    dot_precision,
+    next_pow2,
+    on_device,
+    runs_triton,
+)
 from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import gemv_t, load_tile, outer_fma
+    from .kernel_utils import gemv_t, head_program, load_tile, outer_fma
 
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (32, 64, 80, 96, 128)
+MAX_KERNEL_HEAD_DIM = 256
+# fp32 runs its dots as three-pass TF32, whose split operands do not fit in registers beside
+# 256-column accumulators (ptxas spills kilobytes): fp32 with D > 128 takes the PyTorch path.
+FP32_MAX_HEAD_DIM = 128
 TAIL = 16   # rows / keys of a tail block: the smallest tensor-core tile side
+
+
+def kernel_head_dim_problem(d):
+    """Why the kernels cannot take head dim `d` (None when they can): any multiple of 8 up to
+    256, padded to the next power of two in the tiles (D = 88 runs in 128 columns). Every CLIP
+    tower's head dim qualifies (64; 80 for ViT-H/14, 88 for ViT-g/14, 104 for ViT-bigG/14)."""
+    if d % 8 or not 8 <= d <= MAX_KERNEL_HEAD_DIM:
+        return (f"head dim D must be a multiple of 8 from 8 to {MAX_KERNEL_HEAD_DIM} for the Triton "
+                f"kernels, got {d} (the PyTorch path, on the CPU, takes any D)")
+    return None
 
 
 def _check_inputs(q, k, v, rows, scale):
@@ -67,8 +89,9 @@ def _check_inputs(q, k, v, rows, scale):
     b, h, n, d = q.shape
     if min(b, h, n) < 1:
         raise ValueError(f"q must have B, H, N >= 1, got {tuple(q.shape)}")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"q: head dim D must be one of {HEAD_DIMS}, got {d}")
+    problem = kernel_head_dim_problem(d) if runs_triton(q) else None
+    if problem:
+        raise ValueError(f"q: {problem}")
     if isinstance(rows, bool) or not isinstance(rows, int):
         raise TypeError(f"rows must be an int in [0, N={n}], got {type(rows).__name__}")
     if not 0 <= rows <= n:
@@ -174,35 +197,42 @@ def _tile_sets(block_d, dtype, major):
         return LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d)
 
     hopper = major >= 9
+    if block_d > 128:   # 256 columns (16-bit only, see FP32_MAX_HEAD_DIM): thin tiles over 8 warps
+        return [cfg(32, 32, 8), cfg(64, 16, 8)], [cfg(16, 32, 8), cfg(32, 16, 8)]
     if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones, split in three
         if block_d > 64:
-            return [cfg(16, 32, 4), cfg(16, 16, 4)], [cfg(32, 16, 8), cfg(16, 16, 8)]
+            return [cfg(16, 32, 8), cfg(16, 16, 8)], [cfg(32, 16, 8), cfg(16, 16, 8)]
         return [cfg(32, 32, 8), cfg(16, 16, 4)], [cfg(32, 16, 8), cfg(16, 16, 8)]
     stages = 3 if hopper else 2
     if block_d > 64:
+        # 32 × 64 backward tiles spill once the offsets are int64 (ptxas report)
         if hopper:
-            return [cfg(64, 32, 4, stages), cfg(64, 16, 8, stages)], [cfg(32, 64, 8), cfg(32, 32, 8)]
-        return [cfg(64, 16, 8, stages), cfg(32, 32, 4, stages)], [cfg(32, 64, 8), cfg(32, 32, 8)]
+            return [cfg(64, 32, 4, stages), cfg(64, 16, 8, stages)], [cfg(32, 32, 8)]
+        return [cfg(64, 16, 8, stages), cfg(32, 32, 8, stages)], [cfg(32, 32, 8)]
     if hopper:
         return ([cfg(64, 64, 4, stages), cfg(128, 64, 8, stages), cfg(64, 32, 4, stages), cfg(128, 32, 8)],
                 [cfg(32, 64, 8), cfg(64, 64, 8), cfg(32, 32, 4), cfg(32, 128, 8)])
-    # Ampere's mma.sync tiles hold more registers: 64×64 forwards at 4 warps and 64-query
-    # backwards spill there
-    return ([cfg(64, 32, 4, stages), cfg(64, 64, 8, stages), cfg(128, 32, 8)],
+    # Ampere's mma.sync tiles hold more registers: forwards at 4 warps (with int64 offsets) and
+    # 64-query backwards spill there
+    return ([cfg(64, 64, 8, stages), cfg(128, 32, 8)],
             [cfg(32, 64, 8), cfg(32, 32, 4), cfg(32, 128, 8)])
 
 
 def _static_configs(head_dim, dtype, device):
-    """{"fwd", "bwd", "pre"}: the static defaults (ALIGNCLIP_AUTOTUNE=0, the ptxas report, the
-    work counter); under the interpreter one small fixed configuration."""
+    """{"fwd", "bwd", "pre", "dq"}: the static defaults (ALIGNCLIP_AUTOTUNE=0, the ptxas report,
+    the work counter); under the interpreter one small fixed configuration. "dq" is the
+    deterministic mode's dQ pass (a forward-shaped loop with two more products per tile)."""
     block_d = max(16, next_pow2(head_dim))
     pre = LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
     major = cuda_arch(device)
     if major is None:
         small = LaunchConfig.of(num_warps=4, num_stages=1, BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d)
-        return {"fwd": small, "bwd": small, "pre": pre}
+        return {"fwd": small, "bwd": small, "pre": pre, "dq": small}
     fwd, bwd = _tile_sets(block_d, dtype, major)
-    return {"fwd": fwd[0], "bwd": bwd[0], "pre": pre}
+    wide = block_d > 64 or dtype == torch.float32
+    dq = LaunchConfig.of(num_warps=8 if block_d > 128 or (wide and dtype == torch.float32) else 4,
+                         num_stages=2, BLOCK_M=16 if wide else 64, BLOCK_N=32, BLOCK_D=block_d)
+    return {"fwd": fwd[0], "bwd": bwd[0], "pre": pre, "dq": dq}
 
 
 def autotune_candidates(head_dim, dtype, device):
@@ -337,17 +367,14 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_ROWS: tl.constexpr, WRITE_DV: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        full = N // BLOCK_M
+        pid_m, bh, b, h = head_program(tl.program_id(0), full + tl.cdiv(N - full * BLOCK_M, 16), H)
         Q += b * stride_qb + h * stride_qh
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
         Out += b * stride_ob + h * D
         DV += b * stride_dvb + h * D
         RowA += b * stride_rb + h * stride_rh
-        full = N // BLOCK_M
         if pid_m < full:
             _attn_fwd_rows(Q, K, V, Out, DV, Lse, RowA, pid_m * BLOCK_M, bh, stride_qn, stride_qd,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_dvn,
@@ -368,12 +395,10 @@ if HAS_TRITON:
         stride_drb, stride_drh, stride_drr, stride_drn,
         H, N, R, D,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_DROW: tl.constexpr,
+        HAS_DROW: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     ):
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        pid_m, bh, b, h = head_program(tl.program_id(0), tl.cdiv(N, BLOCK_M), H)
+        start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
@@ -395,17 +420,19 @@ if HAS_TRITON:
                                  + offs_n[None, :] * stride_drn, mask=mask, other=0.0).to(tl.float32)
                     delta += tl.sum(a * da, axis=1)
         tl.store(Delta + bh * N + offs_m, delta, mask=m_mask)
-        tl.store(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=m_mask[:, None])
+        if DQ_ATOMIC:
+            tl.store(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=m_mask[:, None])
 
     @triton.jit
     def _attn_bwd_inner(
         dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask, lo, hi, bh,
         stride_qn, stride_qd, stride_don, stride_dod, N, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     ):
-        """Query blocks [lo, hi) against one key block: the five products per tile pair."""
+        """Query blocks [lo, hi) against one key block: the five products per tile pair (four
+        without DQ_ATOMIC: the deterministic mode's dQ pass computes dS K itself)."""
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < N
@@ -423,9 +450,12 @@ if HAS_TRITON:
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dst = (pt * (dpt - delta[None, :])).to(q.dtype)
             dk += tl.dot(dst, q, input_precision=PRECISION)
-            dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
-            tl.atomic_add(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :], dq,
-                          mask=m_mask[:, None] & d_mask[None, :])
+            if DQ_ATOMIC:
+                # Relaxed: the sum needs no ordering against other memory operations; the dQ
+                # launch that reads it runs after this kernel has finished.
+                dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
+                tl.atomic_add(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :], dq,
+                              mask=m_mask[:, None] & d_mask[None, :], sem="relaxed")
         return dk, dv
 
     @triton.jit
@@ -437,6 +467,7 @@ if HAS_TRITON:
         N, R, D, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr, HAS_DDV: tl.constexpr, PRECISION: tl.constexpr,
+        DQ_ATOMIC: tl.constexpr,
     ):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -450,10 +481,10 @@ if HAS_TRITON:
         full = (N // BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_inner(dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask, 0,
                                  full, bh, stride_qn, stride_qd, stride_don, stride_dod, N,
-                                 qk_scale, BLOCK_M, BLOCK_D, False, PRECISION)
+                                 qk_scale, BLOCK_M, BLOCK_D, False, PRECISION, DQ_ATOMIC)
         dk, dv = _attn_bwd_inner(dk, dv, k, v, Q, DO, Lse, Delta, DQAcc, offs_n, offs_d, d_mask,
                                  full, N, bh, stride_qn, stride_qd, stride_don, stride_dod, N,
-                                 qk_scale, 16, BLOCK_D, True, PRECISION)
+                                 qk_scale, 16, BLOCK_D, True, PRECISION, DQ_ATOMIC)
         if HAS_DROW:   # dK += Σ_{i<R} (P_i ∘ dA_i)ᵀ q_i, one rank-one update per probe row
             for r in range(0, R):
                 p_r = tl.load(RowA + r * stride_rr + offs_n, mask=n_mask, other=0.0)
@@ -484,11 +515,10 @@ if HAS_TRITON:
         H, N, R, D, N_BUCKET, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         HAS_DROW: tl.constexpr, HAS_DDV: tl.constexpr, PRECISION: tl.constexpr,
+        DQ_ATOMIC: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        full = N // BLOCK_N
+        pid_n, bh, b, h = head_program(tl.program_id(0), full + tl.cdiv(N - full * BLOCK_N, 16), H)
         Q += b * stride_qb + h * stride_qh
         K += b * stride_kb + h * stride_kh
         V += b * stride_vb + h * stride_vh
@@ -498,46 +528,81 @@ if HAS_TRITON:
         DDV += b * stride_ddb + h * D * stride_ddc
         DK += b * stride_dkb + h * stride_dkh
         DVin += b * stride_dvb + h * stride_dvh
-        full = N // BLOCK_N
         if pid_n < full:
             _attn_bwd_keys(Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin,
                            pid_n * BLOCK_N, bh, stride_qn, stride_qd, stride_kn, stride_kd,
                            stride_vn, stride_vd, stride_don, stride_dod, stride_rr, stride_drr,
                            stride_drn, stride_ddn, stride_ddc, stride_dkn, stride_dkd, stride_dvn,
                            stride_dvd, N, R, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D,
-                           HAS_DROW, HAS_DDV, PRECISION)
+                           HAS_DROW, HAS_DDV, PRECISION, DQ_ATOMIC)
         else:
             _attn_bwd_keys(Q, K, V, DO, Lse, Delta, DQAcc, RowA, DRowA, DDV, DK, DVin,
                            full * BLOCK_N + (pid_n - full) * 16, bh, stride_qn, stride_qd,
                            stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
                            stride_rr, stride_drr, stride_drn, stride_ddn, stride_ddc, stride_dkn,
                            stride_dkd, stride_dvn, stride_dvd, N, R, D, qk_scale, sm_scale, BLOCK_M,
-                           16, BLOCK_D, HAS_DROW, HAS_DDV, PRECISION)
+                           16, BLOCK_D, HAS_DROW, HAS_DDV, PRECISION, DQ_ATOMIC)
+
+    @triton.jit
+    def _attn_dq_keys(
+        Q, K, V, DO, Lse, Delta, offs_m, offs_d, m_mask, d_mask, bh,
+        stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_don, stride_dod,
+        N, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Σ_j dS_ij k_j for one query block, walking every key block in order: the
+        deterministic mode's dQ, which recomputes P and dP = dO Vᵀ instead of adding atomically."""
+        io_mask = m_mask[:, None] & d_mask[None, :]
+        q = load_tile(Q, offs_m, offs_d, stride_qn, stride_qd, io_mask)
+        do = load_tile(DO, offs_m, offs_d, stride_don, stride_dod, io_mask)
+        lse = tl.load(Lse + bh * N + offs_m, mask=m_mask, other=float("inf"))
+        delta = tl.load(Delta + bh * N + offs_m, mask=m_mask, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < N)[:, None] & d_mask[None, :]
+            k = load_tile(K, offs_n, offs_d, stride_kn, stride_kd, kv_mask)
+            v = load_tile(V, offs_n, offs_d, stride_vn, stride_vd, kv_mask)
+            p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+            p = tl.where((offs_n < N)[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = (p * (dp - delta[:, None])).to(k.dtype)
+            dq += tl.dot(ds, k, input_precision=PRECISION)
+        return dq
 
     @triton.jit
     def _attn_bwd_dq_kernel(
-        DQAcc, K, RowA, DRowA, DQ,
+        DQAcc, Q, K, V, DO, Lse, Delta, RowA, DRowA, DQ,
+        stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_don, stride_dod,
         stride_rb, stride_rh, stride_rr,
         stride_drb, stride_drh, stride_drr, stride_drn,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-        H, N, R, D, sm_scale,
+        H, N, R, D, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_DROW: tl.constexpr,
+        HAS_DROW: tl.constexpr, DQ_ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
+        pid_m, bh, b, h = head_program(tl.program_id(0), tl.cdiv(N, BLOCK_M), H)
+        start_m = pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < N
         d_mask = offs_d < D
-        dq = tl.load(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
-                     mask=m_mask[:, None], other=0.0)
+        K += b * stride_kb + h * stride_kh
+        if DQ_ATOMIC:
+            dq = tl.load(DQAcc + (bh * N + offs_m[:, None]) * BLOCK_D + offs_d[None, :],
+                         mask=m_mask[:, None], other=0.0)
+        else:
+            dq = _attn_dq_keys(Q + b * stride_qb + h * stride_qh, K, V + b * stride_vb + h * stride_vh,
+                               DO + b * stride_dob + h * D * stride_dod, Lse, Delta, offs_m, offs_d,
+                               m_mask, d_mask, bh, stride_qn, stride_qd, stride_kn, stride_kd,
+                               stride_vn, stride_vd, stride_don, stride_dod, N, qk_scale, BLOCK_M,
+                               BLOCK_N, BLOCK_D, PRECISION)
         if HAS_DROW:   # dQ_i += Σ_j P_ij dA_ij k_j for the probe rows of this block
             if start_m < R:
-                K += b * stride_kb + h * stride_kh
                 RowA += b * stride_rb + h * stride_rh
                 DRowA += b * stride_drb + h * stride_drh
                 for i in range(0, BLOCK_M):
@@ -564,7 +629,7 @@ _TUNERS = {}
 
 def _autotuned(name, kernel, candidates, key, reset_to_zero=None):
     """One `triton.autotune` wrapper per (kernel, candidate list), built on first use."""
-    cache_key = (name, tuple(candidates))
+    cache_key = (name, tuple(candidates), tuple(reset_to_zero or ()))
     if cache_key not in _TUNERS:
         _TUNERS[cache_key] = triton.autotune(
             configs=[c.to_triton() for c in candidates], key=key, reset_to_zero=reset_to_zero,
@@ -603,19 +668,30 @@ def _attention_fwd(q, k, v, rows, scale, dv_out, config=None):
         H=h, N=n, R=rows, D=d, N_BUCKET=next_pow2(n), qk_scale=scale * LOG2E,
         HAS_ROWS=rows > 0, WRITE_DV=dv_out is not None, PRECISION=dot_precision(q),
     )
-    if _use_autotune(dev, config):
-        candidates = autotune_candidates(d, q.dtype, dev)["fwd"]
-        tuned = _autotuned("fwd", _attn_fwd_kernel, candidates, ["N_BUCKET", "D", "HAS_ROWS"])
-        tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_M"]), b * h)](**args)
-    else:
-        config = config or static["fwd"]
-        _attn_fwd_kernel[(_blocks_with_tails(n, config["BLOCK_M"]), b * h)](**args, **config.kwargs)
+    with on_device(q):
+        if _use_autotune(dev, config):
+            candidates = autotune_candidates(d, q.dtype, dev)["fwd"]
+            tuned = _autotuned("fwd", _attn_fwd_kernel, candidates, ["N_BUCKET", "D", "HAS_ROWS"])
+            tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_M"]) * b * h,)](**args)
+        else:
+            config = config or static["fwd"]
+            _attn_fwd_kernel[(_blocks_with_tails(n, config["BLOCK_M"]) * b * h,)](**args, **config.kwargs)
     return out, lse, row_attn
 
 
 def _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale, dq, dk, dv,
-                   config=None):
-    """Write dq, dk, dv (preallocated, any strides; views of one packed buffer for split_qkv)."""
+                   config=None, exact_order=False):
+    """Write dq, dk, dv (preallocated, any strides; views of one packed buffer for split_qkv).
+
+    `exact_order` (the deterministic mode): no float atomics; the dQ launch walks the key blocks
+    in order, recomputing P and dP, instead of reading what the key-block programs added."""
+    with on_device(q):
+        _attention_bwd_launches(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale, dq,
+                                dk, dv, config, exact_order)
+
+
+def _attention_bwd_launches(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale, dq, dk,
+                            dv, config, exact_order):
     b, h, n, d = q.shape
     dev = q.device
     static = _static_configs(d, q.dtype, dev)
@@ -629,7 +705,7 @@ def _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale
     drow_arg = d_rows if has_drow else unused
     ddv_arg = d_dv if has_ddv else unused
     delta = torch.empty_like(lse)
-    dq_acc = torch.empty((b * h * n, block_d), dtype=torch.float32, device=dev)
+    dq_acc = unused if exact_order else torch.empty((b * h * n, block_d), dtype=torch.float32, device=dev)
     row_strides = dict(stride_rb=row_arg.stride(0) if rows else 0,
                        stride_rh=row_arg.stride(1) if rows else 0,
                        stride_rr=row_arg.stride(2) if rows else 0)
@@ -638,12 +714,15 @@ def _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale
                         stride_drr=drow_arg.stride(2) if has_drow else 0,
                         stride_drn=drow_arg.stride(3) if has_drow else 0)
     pre = static["pre"]
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n, pre["BLOCK_M"]), b * h)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n, pre["BLOCK_M"]) * b * h,)](
         Out=out, DO=d_out, Delta=delta, DQAcc=dq_acc, RowA=row_arg, DRowA=drow_arg,
         stride_ob=out.stride(0), stride_on=out.stride(1),
         stride_dob=d_out.stride(0), stride_don=d_out.stride(1), stride_dod=d_out.stride(2),
         **row_strides, **drow_strides,
-        H=h, N=n, R=rows, D=d, HAS_DROW=has_drow, **pre.replace(BLOCK_D=block_d).kwargs,
+        H=h, N=n, R=rows, D=d, HAS_DROW=has_drow, DQ_ATOMIC=not exact_order,
+        # without the zero fill, ptxas gives sm_80's 4-warp preprocess at BLOCK_D ≤ 128 so few
+        # registers that it spills; 8 warps do not (ptxas report)
+        **pre.replace(BLOCK_D=block_d, num_warps=8 if exact_order and block_d <= 128 else None).kwargs,
     )
     args = dict(
         Q=q, K=k, V=v, DO=d_out, Lse=lse, Delta=delta, DQAcc=dq_acc, RowA=row_arg, DRowA=drow_arg,
@@ -661,38 +740,43 @@ def _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2),
         stride_dvd=dv.stride(3),
         H=h, N=n, R=rows, D=d, N_BUCKET=next_pow2(n), qk_scale=scale * LOG2E, sm_scale=scale,
-        HAS_DROW=has_drow, HAS_DDV=has_ddv, PRECISION=dot_precision(q),
+        HAS_DROW=has_drow, HAS_DDV=has_ddv, PRECISION=dot_precision(q), DQ_ATOMIC=not exact_order,
     )
     if _use_autotune(dev, config):
         candidates = autotune_candidates(d, q.dtype, dev)["bwd"]
-        tuned = _autotuned("bwd", _attn_bwd_main_kernel, candidates,
-                           ["N_BUCKET", "D", "HAS_DROW"], reset_to_zero=["DQAcc"])
-        tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_N"]), b * h)](**args)
+        tuned = _autotuned("bwd", _attn_bwd_main_kernel, candidates, ["N_BUCKET", "D", "HAS_DROW", "DQ_ATOMIC"],
+                           reset_to_zero=None if exact_order else ["DQAcc"])
+        tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_N"]) * b * h,)](**args)
     else:
         config = config or static["bwd"]
-        _attn_bwd_main_kernel[(_blocks_with_tails(n, config["BLOCK_N"]), b * h)](
+        _attn_bwd_main_kernel[(_blocks_with_tails(n, config["BLOCK_N"]) * b * h,)](
             **args, **config.kwargs)
-    _attn_bwd_dq_kernel[(triton.cdiv(n, pre["BLOCK_M"]), b * h)](
-        DQAcc=dq_acc, K=k, RowA=row_arg, DRowA=drow_arg, DQ=dq,
+    dq_config = static["dq"] if exact_order else pre.replace(BLOCK_D=block_d)
+    _attn_bwd_dq_kernel[(triton.cdiv(n, dq_config["BLOCK_M"]) * b * h,)](
+        DQAcc=dq_acc, Q=q, K=k, V=v, DO=d_out, Lse=lse, Delta=delta, RowA=row_arg, DRowA=drow_arg,
+        DQ=dq,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qn=q.stride(2), stride_qd=q.stride(3),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
+        stride_dob=d_out.stride(0), stride_don=d_out.stride(1), stride_dod=d_out.stride(2),
         **row_strides, **drow_strides,
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqn=dq.stride(2),
         stride_dqd=dq.stride(3),
-        H=h, N=n, R=rows, D=d, sm_scale=scale, HAS_DROW=has_drow,
-        **pre.replace(BLOCK_D=block_d).kwargs,
+        H=h, N=n, R=rows, D=d, qk_scale=scale * LOG2E, sm_scale=scale, HAS_DROW=has_drow,
+        DQ_ATOMIC=not exact_order, PRECISION=dot_precision(q), **dq_config.kwargs,
     )
 
 
-def _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale):
+def _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale, exact_order):
     ctx.save_for_backward(q, k, v, out, lse, row_attn)
-    ctx.rows, ctx.scale = rows, scale
+    ctx.rows, ctx.scale, ctx.exact_order = rows, scale, exact_order
 
 
 class _DualAttention(torch.autograd.Function):
     """Eager autograd: dv may be a view of v, and packed inputs get one packed gradient buffer."""
 
     @staticmethod
-    def forward(q, k, v, rows, scale, return_dv):
+    def forward(q, k, v, rows, scale, return_dv, exact_order):
         dv = merged_view(v) if return_dv else None
         write_dv = return_dv and dv is None
         if write_dv:
@@ -703,9 +787,9 @@ class _DualAttention(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, rows, scale, _ = inputs
+        q, k, v, rows, scale, _, exact_order = inputs
         out, _, row_attn, lse = output
-        _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale)
+        _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale, exact_order)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
 
@@ -719,13 +803,13 @@ class _DualAttention(torch.autograd.Function):
         else:
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, ctx.rows, ctx.scale,
-                       dq, dk, dv)
-        return dq, dk, dv, None, None, None
+                       dq, dk, dv, exact_order=ctx.exact_order)
+        return dq, dk, dv, None, None, None, None
 
 
 @torch.library.custom_op("alignclip::dual_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, rows: int, scale: float,
-                  return_dv: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  return_dv: bool, exact_order: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, h, n, d = q.shape
     dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device) if return_dv else None
     out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv)
@@ -734,7 +818,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, rows: int, scale: float,
 
 
 @_attention_op.register_fake
-def _(q, k, v, rows, scale, return_dv):
+def _(q, k, v, rows, scale, return_dv, exact_order):
     b, h, n, d = q.shape
     return (q.new_empty((b, n, h * d)), q.new_empty((b, n, h * d) if return_dv else (0,)),
             q.new_empty((b, h, rows, n) if rows else (0,), dtype=torch.float32),
@@ -744,22 +828,22 @@ def _(q, k, v, rows, scale, return_dv):
 @torch.library.custom_op("alignclip::dual_attention_backward", mutates_args=())
 def _attention_bwd_op(d_out: Optional[Tensor], d_dv: Optional[Tensor], d_rows: Optional[Tensor],
                       q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, row_attn: Tensor,
-                      rows: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                      rows: int, scale: float, exact_order: bool) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _attention_bwd(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn if rows else None, rows, scale,
-                   dq, dk, dv)
+                   dq, dk, dv, exact_order=exact_order)
     return dq, dk, dv
 
 
 @_attention_bwd_op.register_fake
-def _(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale):
+def _(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, rows, scale, exact_order):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _op_setup_context(ctx, inputs, output):
-    q, k, v, rows, scale, _ = inputs
+    q, k, v, rows, scale, _, exact_order = inputs
     out, _, row_attn, lse = output
-    _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale)
+    _save_for_backward(ctx, q, k, v, out, lse, row_attn, rows, scale, exact_order)
     ctx.set_materialize_grads(False)
 
 
@@ -768,32 +852,37 @@ def _op_backward(ctx, d_out, d_dv, d_rows, _d_lse):
     q, k, v, out, lse, row_attn = ctx.saved_tensors
     dq, dk, dv = _attention_bwd_op(d_out, d_dv if d_dv is not None and d_dv.numel() else None,
                                    d_rows if ctx.rows else None, q, k, v, out, lse, row_attn,
-                                   ctx.rows, ctx.scale)
-    return dq, dk, dv, None, None, None
+                                   ctx.rows, ctx.scale, ctx.exact_order)
+    return dq, dk, dv, None, None, None, None
 
 
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True):
+def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True, deterministic=None):
     """Q-K-V attention, the D-V branch and the exact softmax rows of the first `rows` queries.
 
-    q, k, v: [B, H, N, D] with any strides. Returns `(out [B, N, H·D], dv [B, N, H·D] or None,
-    row_attn [B, H, rows, N] fp32 or None when rows == 0)`.
+    q, k, v: [B, H, N, D] with any strides (D a multiple of 8 up to 256 on the kernels, any D on
+    the PyTorch path). Returns `(out [B, N, H·D], dv [B, N, H·D] or None, row_attn [B, H, rows,
+    N] fp32 or None when rows == 0)`. `deterministic` (default: whether
+    `torch.use_deterministic_algorithms` is on) computes dQ without float atomics, in a pass of
+    its own: bitwise-repeatable gradients for 1.4x the backward's products.
     """
     scale = _check_inputs(q, k, v, rows, scale)
     return_dv = bool(return_dv)
-    if not runs_triton(q):
+    exact_order = deterministic_flag(deterministic)
+    if not runs_triton(q) or (q.dtype == torch.float32 and q.shape[-1] > FP32_MAX_HEAD_DIM):
         return _torch_dual_attention(q, k, v, rows, scale, return_dv)
     if torch.compiler.is_compiling():
-        out, dv, row_attn, _ = _attention_op(q, k, v, rows, scale, return_dv)
+        out, dv, row_attn, _ = _attention_op(q, k, v, rows, scale, return_dv, exact_order)
     else:
-        out, dv, row_attn, _ = _DualAttention.apply(q, k, v, rows, scale, return_dv)
+        out, dv, row_attn, _ = _DualAttention.apply(q, k, v, rows, scale, return_dv, exact_order)
     return out, (dv if return_dv else None), (row_attn if rows else None)
 
 
-def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls_attn=True):
+def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls_attn=True,
+                              deterministic=None):
     """AlignCLIP's attention: `(out [B, N, C], dv [B, N, C] or None, cls_attn [B, H, N] fp32 or None)`."""
     out, dv, rows = dual_attention(q, k, v, rows=1 if return_cls_attn else 0, scale=scale,
-                                   return_dv=return_dv)
+                                   return_dv=return_dv, deterministic=deterministic)
     return out, dv, rows[:, :, 0] if rows is not None else None

@@ -14,7 +14,7 @@ from typing import Tuple
 
 import torch
 
-from ._runtime import HAS_TRITON, batch_factor, num_sms
+from ._runtime import HAS_TRITON, batch_factor, next_pow2, num_sms
 
 if HAS_TRITON:
     import triton
@@ -86,6 +86,29 @@ def placeholder(device):
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
+def loss_buffer(slots, device, exact_order):
+    """Where a launch adds its loss: a zeroed scalar for atomics, or one partial per slot."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty((slots,), **f32) if exact_order else torch.zeros((), **f32)
+
+
+def loss_total(loss, exact_order):
+    """The loss from `loss_buffer` after the launch: the partials summed in index order."""
+    return loss.sum() if exact_order else loss
+
+
+def rows_by_label(values, labels, num_classes):
+    """[K, E] fp32: row k the sum of values[b] [B, E] fp32 over the images labelled k, in image
+    order (no atomics). Labels outside [0, K) add to no row (their results are NaN anyway)."""
+    b, e = values.shape
+    out = torch.empty((num_classes, e), dtype=torch.float32, device=values.device)
+    block_e = min(1024, next_pow2(e))
+    _rows_by_label_kernel[(num_classes, triton.cdiv(e, block_e))](
+        Values=values, Labels=labels, Out=out, B=b, K=num_classes, E=e, stride_vb=values.stride(0),
+        BLOCK_E=block_e)
+    return out
+
+
 def refuse_double_backward(op):
     """Called first in every Triton backward: `create_graph=True` runs it with grad mode on, and
     the kernels' gradients carry no graph, so a second derivative would silently be wrong."""
@@ -144,6 +167,48 @@ if HAS_TRITON:
         block = split * blocks_per_program + i
         offs = block * BLOCK + tl.arange(0, BLOCK)
         return block < n_blocks, offs, offs < limit
+
+    @triton.jit
+    def accumulate(Ptr, value, mask, EXACT_ORDER: tl.constexpr):
+        """Ptr += value: a relaxed float atomic (a sum needs no ordering against other memory
+        operations: nothing reads it before the launch ends, and a combining program orders
+        through its ticket, see `last_to_arrive`), or, EXACT_ORDER (the deterministic mode), a
+        plain read-add-write of a per-program partial slice that only the calling program
+        touches, in the program's own order."""
+        if EXACT_ORDER:
+            tl.store(Ptr, tl.load(Ptr, mask=mask, other=0.0) + value, mask=mask)
+        else:
+            tl.atomic_add(Ptr, value, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def add_loss(Loss, slot, value, EXACT_ORDER: tl.constexpr):
+        """The scalar loss += value, or, EXACT_ORDER, Loss[slot] = value: one partial a slot,
+        summed in index order afterwards (`loss_total`)."""
+        if EXACT_ORDER:
+            tl.store(Loss + slot, value)
+        else:
+            tl.atomic_add(Loss, value, sem="relaxed")
+
+    @triton.jit
+    def _rows_by_label_kernel(Values, Labels, Out, B, K, E, stride_vb, BLOCK_E: tl.constexpr):
+        """Out[k] = Σ_{b: labels[b] = k} Values[b], b ascending: the deterministic mode's
+        scatter of per-image rows into class rows."""
+        k = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_mask = offs_e < E
+        acc = tl.zeros([BLOCK_E], tl.float32)
+        for b in range(0, B):
+            if tl.load(Labels + b) == k:
+                acc += tl.load(Values + b * stride_vb + offs_e, mask=e_mask, other=0.0)
+        tl.store(Out + k * E + offs_e, acc, mask=e_mask)
+
+    @triton.jit
+    def head_program(pid, blocks_per_head, H):
+        """(block, bh, b, h) of program `pid` on a one-axis grid of blocks_per_head programs per
+        (image, head), blocks of a head adjacent: one axis takes 2³¹ − 1 programs where a second
+        axis of B·H would stop at 65,535. bh, b and h are int64, so b · stride_b cannot overflow."""
+        bh = (pid // blocks_per_head).to(tl.int64)
+        return pid % blocks_per_head, bh, bh // H, bh % H
 
     @triton.jit
     def last_to_arrive(Tickets, slot, arrivals):

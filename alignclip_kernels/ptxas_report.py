@@ -35,16 +35,21 @@ REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_CTAS_PER_SM = 32
 
-ATTENTION_SHAPES = {  # name: (B, H, N, D)
+ATTENTION_SHAPES = {  # name: (B, H, N, D); D below a power of two runs padded to it
     "ViT-B/32": (108, 12, 50, 64),
     "ViT-B/16": (108, 12, 197, 64),
     "ViT-L/14": (108, 16, 257, 64),
     "ViT-H/14": (108, 16, 257, 80),
+    "ViT-g/14": (108, 16, 257, 88),
+    "ViT-bigG/14": (108, 16, 257, 104),
+    "D=256": (108, 4, 257, 256),
 }
+DETERMINISTIC_SHAPES = ("ViT-B/16", "ViT-H/14", "ViT-g/14", "D=256")
+DETERMINISTIC_CLASS_COUNTS = (7, 345)
 LOSS_SHAPE = dict(B=108, P=196, E=512, L=5, H=12)
 CLASS_COUNTS = (7, 65, 345)
 FLAGS = ("HAS_ROWS", "WRITE_DV", "HAS_DROW", "HAS_DDV", "TEXT_GRAD", "CD_GRAD", "TARGET_GRAD",
-         "FROM_TOKENS", "SPLIT")
+         "FROM_TOKENS", "SPLIT", "DQ_ATOMIC", "EXACT_ORDER")
 
 
 @dataclass
@@ -75,9 +80,9 @@ def _record_launches(run_op):
     return recorded
 
 
-def _attention_run(b, h, n, d, dtype, fwd_config=None, bwd_config=None, d_rows=True):
+def _attention_run(b, h, n, d, dtype, fwd_config=None, bwd_config=None, d_rows=True, exact_order=False):
     """Forward and backward of the attention launchers on meta tensors (packed q/k/v, the CLS
-    row, d(dv), and d(CLS row) unless `d_rows` is False)."""
+    row, d(dv), and d(CLS row) unless `d_rows` is False; `exact_order`: the deterministic mode)."""
     import torch
 
     from . import attention
@@ -89,11 +94,12 @@ def _attention_run(b, h, n, d, dtype, fwd_config=None, bwd_config=None, d_rows=T
     dq, dk, dv = attention._packed_views(torch.empty_like(qkv))
     attention._attention_bwd(torch.empty_like(out), torch.empty_like(out),
                              torch.empty_like(rows) if d_rows else None, q, k, v, out, lse, rows, 1,
-                             d ** -0.5, dq, dk, dv, bwd_config)
+                             d ** -0.5, dq, dk, dv, bwd_config, exact_order)
 
 
-def _loss_run(k, dtype):
-    """Forward and backward of every loss launcher on meta tensors (d(text) included)."""
+def _loss_run(k, dtype, exact_order=False):
+    """Forward and backward of every loss launcher on meta tensors (d(text) included;
+    `exact_order`: the deterministic mode)."""
     import torch
 
     from . import aal, similarity_align, sls_mms
@@ -106,21 +112,22 @@ def _loss_run(k, dtype):
     text = torch.empty(k, e, **meta)
     labels = torch.empty(b, dtype=torch.int64, device="meta")
     one = torch.empty((), **f32)
+    exact = exact_order
     g, row_stats = _target_fwd(tokens_dv, text, labels, 1.0)
-    _target_bwd(torch.empty_like(g), tokens_dv, text, labels, g, row_stats, 1.0, True)
+    _target_bwd(torch.empty_like(g), tokens_dv, text, labels, g, row_stats, 1.0, True, exact)
     cls = torch.empty(n_layers, b, h, p + 1, **f32)
-    state = aal._aal_fwd(cls, None, tokens_dv, text, labels, 1.0)
-    aal._aal_bwd(one, cls, None, tokens_dv, text, labels, 1.0, *state[1:], False, True)
-    state = aal._aal_fwd(cls, g, None, None, None, 1.0)
-    aal._aal_bwd(one, cls, g, None, None, None, 1.0, *state[1:], True, False)
-    _, stats, inv_nt = similarity_align._sim_fwd(tokens, tokens_dv, text)
+    state = aal._aal_fwd(cls, None, tokens_dv, text, labels, 1.0, exact)
+    aal._aal_bwd(one, cls, None, tokens_dv, text, labels, 1.0, *state[1:], False, True, exact)
+    state = aal._aal_fwd(cls, g, None, None, None, 1.0, exact)
+    aal._aal_bwd(one, cls, g, None, None, None, 1.0, *state[1:], True, False, exact)
+    _, stats, inv_nt = similarity_align._sim_fwd(tokens, tokens_dv, text, exact)
     for text_grad in (False, True):
-        similarity_align._sim_bwd(one, tokens, tokens_dv, text, stats, inv_nt, text_grad)
+        similarity_align._sim_bwd(one, tokens, tokens_dv, text, stats, inv_nt, text_grad, exact)
     feats = torch.empty(b, e, **f32)
     dist = torch.empty(k, k, **f32)
-    _, logits, lse, target_sum = sls_mms._sls_fwd(feats, text.float(), labels, dist, *PAPER_SLS)
+    _, logits, lse, target_sum = sls_mms._sls_fwd(feats, text.float(), labels, dist, *PAPER_SLS, exact)
     sls_mms._sls_bwd(one, logits, feats, text.float(), labels, dist, logits, lse, target_sum,
-                     *PAPER_SLS, True, True)
+                     *PAPER_SLS, True, True, exact)
 
 
 def _op_runs(dtype, arch):
@@ -131,18 +138,27 @@ def _op_runs(dtype, arch):
 
     runs = []
     for name, (b, h, n, d) in ATTENTION_SHAPES.items():
+        if dtype == torch.float32 and d > attention.FP32_MAX_HEAD_DIM:
+            continue   # the PyTorch path
         for d_rows in (True, False):
             runs.append((f"attention {name}" + ("" if d_rows else " no d(rows)"),
                          lambda b=b, h=h, n=n, d=d, d_rows=d_rows: _attention_run(
                              b, h, n, d, dtype, d_rows=d_rows), True))
         with _target(arch):
             candidates = attention.autotune_candidates(d, dtype, torch.device("meta"))
-        for i, (fwd, bwd) in enumerate(zip(candidates["fwd"], candidates["bwd"])):
+        for i in range(max(len(candidates["fwd"]), len(candidates["bwd"]))):
+            fwd = candidates["fwd"][min(i, len(candidates["fwd"]) - 1)]
+            bwd = candidates["bwd"][min(i, len(candidates["bwd"]) - 1)]
             runs.append((f"attention {name} autotune #{i}",
                          lambda b=b, h=h, n=n, d=d, fwd=fwd, bwd=bwd: _attention_run(
                              b, h, n, d, dtype, fwd, bwd), False))
+        if name in DETERMINISTIC_SHAPES:
+            runs.append((f"attention {name} deterministic",
+                         lambda b=b, h=h, n=n, d=d: _attention_run(b, h, n, d, dtype, exact_order=True), True))
     for k in CLASS_COUNTS:
         runs.append((f"losses K={k}", lambda k=k: _loss_run(k, dtype), True))
+    for k in DETERMINISTIC_CLASS_COUNTS:
+        runs.append((f"losses K={k} deterministic", lambda k=k: _loss_run(k, dtype, True), True))
     return runs
 
 
@@ -225,17 +241,27 @@ def warps_per_sm(registers, shared_bytes, num_warps, arch):
     return max(0, min(limits)) * num_warps
 
 
-def _compile_row(launch, arch):
-    from triton.compiler import ASTSource
-
+def _compile_job(launch, arch):
+    """What a worker process needs to compile one launch: picklable, the kernel by module and name."""
     signature, constexprs, attrs = _specialise(launch.fn, launch.args, launch.kwargs)
     options = {key: launch.kwargs[key] for key in ("num_warps", "num_stages") if key in launch.kwargs}
-    row = dict(kernel=launch.kernel, config=_config_label(launch.fn, launch.kwargs, signature),
-               arch=arch, default=launch.default, cases=launch.cases, registers=None, spill_bytes=None,
-               shared_bytes=None, warps_per_sm=None, wgmma=None, error=None)
+    return dict(module=launch.fn.fn.__module__, name=launch.fn.fn.__name__, signature=signature,
+                constexprs=constexprs, attrs=attrs, options=options, arch=arch,
+                row=dict(kernel=launch.kernel, config=_config_label(launch.fn, launch.kwargs, signature),
+                         arch=arch, default=launch.default, cases=launch.cases, registers=None,
+                         spill_bytes=None, shared_bytes=None, warps_per_sm=None, wgmma=None, error=None))
+
+
+def _compile_row(job):
+    import importlib
+
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(job["module"]), job["name"])
+    arch, options, row = job["arch"], job["options"], dict(job["row"])
     try:
-        compiled, log = _compile_with_ptxas_log(ASTSource(launch.fn, signature, constexprs, attrs), arch,
-                                                options)
+        compiled, log = _compile_with_ptxas_log(ASTSource(fn, job["signature"], job["constexprs"], job["attrs"]),
+                                                arch, options)
         ptx = compiled.asm["ptx"]
         stats = _ptxas_stats(log)
     except Exception as exc:  # a failed compile is a finding, reported and fatal for defaults
@@ -250,12 +276,16 @@ def _compile_row(launch, arch):
     return row
 
 
-def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progress=None):
+def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progress=None, jobs=None):
     """Report rows, one per distinct kernel launch × arch (`default`: the static configuration
-    picks it; otherwise it is an autotune candidate only)."""
+    picks it; otherwise it is an autotune candidate only), compiled by `jobs` processes (default:
+    one per core)."""
+    import concurrent.futures
+    import multiprocessing
+
     import torch
 
-    rows = []
+    compile_jobs = []
     for arch in archs:
         launches = {}
         for dtype_name in dtypes:
@@ -273,8 +303,11 @@ def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progr
                     label = f"{case} {dtype_name}"
                     if label not in launch.cases:
                         launch.cases.append(label)
-        for launch in launches.values():
-            row = _compile_row(launch, arch)
+        compile_jobs += [_compile_job(launch, arch) for launch in launches.values()]
+    rows = []
+    workers = jobs or os.cpu_count() or 1
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for row in pool.map(_compile_row, compile_jobs):
             if progress:
                 progress(row)
             rows.append(row)
@@ -309,13 +342,14 @@ def main(argv=None):
     parser.add_argument("--arch", choices=sorted(ARCHS), action="append", help="default: both")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], action="append",
                         help="default: all three")
+    parser.add_argument("--jobs", type=int, default=None, help="compiling processes (default: one per core)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = dict(os.environ, TRITON_INTERPRET="0")
         return subprocess.call([sys.executable, "-m", "alignclip_kernels.ptxas_report", *sys.argv[1:]], env=env)
     print(f"{'kernel':<30} {'arch':<7} {'regs':>4} {'spill':>6} {'smem':>7} {'w/SM':>5} {'wgmma':>5}  config")
     rows = collect(tuple(args.arch or ARCHS), tuple(args.dtype or ("float32", "float16", "bfloat16")),
-                   progress=lambda row: print(_format_row(row), flush=True))
+                   progress=lambda row: print(_format_row(row), flush=True), jobs=args.jobs)
     ok = [r for r in rows if not r["error"]]
     print(f"\n{len(rows)} kernel configurations compiled "
           f"({sum(1 for r in rows if not r['default'])} of them autotune candidates only), "

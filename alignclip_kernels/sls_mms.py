@@ -30,15 +30,34 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
-from .kernel_utils import LaunchConfig, fills_gpu, placeholder, refuse_double_backward, split_blocks
+from ._runtime import HAS_TRITON, cuda_arch, deterministic_flag, loss_pytorch_path, next_pow2, on_device, runs_triton
+from .kernel_utils import (
+    LaunchConfig,
+    fills_gpu,
+    loss_buffer,
+    loss_total,
+    placeholder,
+    refuse_double_backward,
+    rows_by_label,
+    split_blocks,
+)
 from .paper import LABEL_EPSILON, LOGIT_SCALE, MARGIN_ALPHA, SMOOTHING
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, outer_fma, split_block
+    from .kernel_utils import (
+        accumulate,
+        add_loss,
+        combine_logsumexp,
+        gemv,
+        gemv_t,
+        inv_norm,
+        last_to_arrive,
+        outer_fma,
+        split_block,
+    )
     from .token_text_target import label_row
 
 EPS = reference.NORM_EPS
@@ -93,9 +112,9 @@ if HAS_TRITON:
         stride_tk, stride_te,
         stride_ck, stride_cc,
         K, E, n_blocks, blocks_per_program, alpha, scale, epsilon, inv_b, eps,
-        BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, SPLIT: tl.constexpr,
+        BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, SPLIT: tl.constexpr, EXACT_ORDER: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
         y, label_ok = label_row(Labels, b, K)
@@ -140,16 +159,16 @@ if HAS_TRITON:
                 lse = m_z + tl.log(l_z)
                 tl.store(Lse + b, lse)
                 tl.store(TargetSum + b, ts)
-                tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
+                add_loss(Loss, b, (lse * ts - tz) * inv_b, EXACT_ORDER)
         else:
             lse = m_z + tl.log(l_z)
             tl.store(Lse + b, lse)
             tl.store(TargetSum + b, ts)
-            tl.atomic_add(Loss, (lse * ts - tz) * inv_b)
+            add_loss(Loss, b, (lse * ts - tz) * inv_b, EXACT_ORDER)
 
     @triton.jit
     def _sls_bwd_kernel(
-        F_, Text, Labels, CD, Logits, Lse, TargetSum, DLoss, DLogits, DF, DText, DCD,
+        F_, Text, Labels, CD, Logits, Lse, TargetSum, DLoss, DLogits, DF, DText, DXRows, DCD,
         stride_fb, stride_fe,
         stride_tk, stride_te,
         stride_ck, stride_cc,
@@ -157,10 +176,25 @@ if HAS_TRITON:
         K, E, n_blocks, blocks_per_program, alpha, scale, epsilon, inv_b, eps,
         BLOCK_K: tl.constexpr, E_PAD: tl.constexpr, SPLIT: tl.constexpr,
         HAS_DLOGITS: tl.constexpr, TEXT_GRAD: tl.constexpr, CD_GRAD: tl.constexpr,
+        EXACT_ORDER: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         y, _ = label_row(Labels, b, K)
+        # Atomics add into the class rows; EXACT_ORDER writes an image's rows of its own
+        # (DText [B, K, E], DCD [B, K]) and each program's α dx and df (DXRows, DF [B, splits,
+        # E]), which the host combines in a fixed order.
+        slot = b * tl.num_programs(1) + split
+        if EXACT_ORDER:
+            DText_own = DText + b * K * E
+            DCD_row = DCD + b * K
+            DX_row = DXRows + slot * E
+            DF_row = DF + slot * E
+        else:
+            DText_own = DText
+            DCD_row = DCD + y * K
+            DX_row = DText + y * E
+            DF_row = DF + b * E
         offs_e = tl.arange(0, E_PAD)
         e_mask = offs_e < E
         x, f_hat, nf, inv_nf = margin_features(F_, Text, b, y, offs_e, e_mask, stride_fb, stride_fe,
@@ -185,20 +219,21 @@ if HAS_TRITON:
                 dx += gemv_t(t, dz) * scale
                 if TEXT_GRAD:
                     dt = outer_fma(tl.zeros([BLOCK_K, E_PAD], tl.float32), dz * scale, x)
-                    tl.atomic_add(DText + offs_k[:, None] * E + offs_e[None, :], dt, mask=t_mask)
+                    accumulate(DText_own + offs_k[:, None] * E + offs_e[None, :], dt, t_mask, EXACT_ORDER)
                 if CD_GRAD:
-                    tl.atomic_add(DCD + y * K + offs_k, -g * log_p, mask=k_mask & (offs_k != y))
+                    accumulate(DCD_row + offs_k, -g * log_p, k_mask & (offs_k != y), EXACT_ORDER)
         radial = tl.where(nf >= eps, tl.sum(f_hat * dx, axis=0), 0.0)
         df = (dx - f_hat * radial) * inv_nf
         if TEXT_GRAD:
-            tl.atomic_add(DText + y * E + offs_e, -alpha * dx, mask=e_mask)
+            accumulate(DX_row + offs_e, -alpha * dx, e_mask, EXACT_ORDER)
         if SPLIT:
-            tl.atomic_add(DF + b * E + offs_e, df, mask=e_mask)
+            accumulate(DF_row + offs_e, df, e_mask, EXACT_ORDER)
         else:
             tl.store(DF + b * E + offs_e, df.to(DF.dtype.element_ty), mask=e_mask)
 
 
-def _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config):
+def _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config,
+                exact_order):
     """The grid and the arguments both kernels take."""
     b, e = image_features.shape
     k = text.shape[0]
@@ -212,63 +247,80 @@ def _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, ep
         stride_ck=class_dist.stride(0), stride_cc=class_dist.stride(1),
         K=k, E=e, n_blocks=n_blocks, blocks_per_program=per_program, alpha=alpha,
         scale=logit_scale, epsilon=epsilon, inv_b=1.0 / b, eps=EPS, SPLIT=splits > 1,
-        **config.kwargs,
+        EXACT_ORDER=exact_order, **config.kwargs,
     )
     return (b, splits), args
 
 
-def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, config=None):
+def _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, exact_order=False,
+             config=None):
     """(loss, logits [B, K] fp32, lse [B], Σ target [B]) — the last two kept for the backward."""
     grid, args = _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon,
-                             config)
+                             config, exact_order)
     b, k = image_features.shape[0], text.shape[0]
     f32 = dict(dtype=torch.float32, device=image_features.device)
     logits = torch.empty((b, k), **f32)
     lse = torch.empty((b,), **f32)
     target_sum = torch.empty((b,), **f32)
-    loss = torch.zeros((), **f32)
+    loss = loss_buffer(b, image_features.device, exact_order)
     partial = torch.empty((b, grid[1], PARTIAL_WIDTH), **f32)
     tickets = torch.zeros((b,), dtype=torch.int32, device=image_features.device)
-    _sls_fwd_kernel[grid](Logits=logits, Lse=lse, TargetSum=target_sum, Loss=loss, Partial=partial,
-                          Tickets=tickets, **args)
-    return loss, logits, lse, target_sum
+    with on_device(image_features):
+        _sls_fwd_kernel[grid](Logits=logits, Lse=lse, TargetSum=target_sum, Loss=loss, Partial=partial,
+                              Tickets=tickets, **args)
+    return loss_total(loss, exact_order), logits, lse, target_sum
 
 
 def _sls_bwd(dloss, dlogits, image_features, text, labels, class_dist, logits, lse, target_sum,
-             alpha, logit_scale, epsilon, text_grad, cd_grad, config=None):
+             alpha, logit_scale, epsilon, text_grad, cd_grad, exact_order=False, config=None):
     """(d image_features, d text fp32 or None, d class_dist fp32 or None)."""
     grid, args = _sls_launch(image_features, text, labels, class_dist, alpha, logit_scale, epsilon,
-                             config)
-    k = text.shape[0]
+                             config, exact_order)
+    (b, e), k = image_features.shape, text.shape[0]
+    splits = grid[1]
     dev = image_features.device
     f32 = dict(dtype=torch.float32, device=dev)
-    # Split images accumulate d features from several programs: fp32 atomics into zeros.
+    # Split images accumulate d features from several programs: fp32 atomics into zeros, or
+    # one row per program in the deterministic mode.
     if args["SPLIT"]:
-        df = torch.zeros(image_features.shape, **f32)
+        df = torch.zeros((b, splits, e) if exact_order else (b, e), **f32)
     else:
         df = torch.empty(image_features.shape, dtype=image_features.dtype, device=dev)
-    dtext = torch.zeros(text.shape, **f32) if text_grad else None
-    dcd = torch.zeros((k, k), **f32) if cd_grad else None
     unused = placeholder(dev)
-    _sls_bwd_kernel[grid](
-        Logits=logits, Lse=lse, TargetSum=target_sum, DLoss=dloss,
-        DLogits=dlogits if dlogits is not None else unused, DF=df,
-        DText=dtext if text_grad else unused, DCD=dcd if cd_grad else unused,
-        stride_dlb=dlogits.stride(0) if dlogits is not None else 0,
-        stride_dlk=dlogits.stride(1) if dlogits is not None else 0,
-        HAS_DLOGITS=dlogits is not None, TEXT_GRAD=text_grad, CD_GRAD=cd_grad, **args,
-    )
-    return df.to(image_features.dtype), dtext, dcd
+    if exact_order:
+        dtext = torch.zeros((b, k, e), **f32) if text_grad else unused
+        dx_rows = torch.zeros((b, splits, e), **f32) if text_grad else unused
+        dcd = torch.zeros((b, k), **f32) if cd_grad else unused
+    else:
+        dtext = torch.zeros((k, e), **f32) if text_grad else unused
+        dx_rows = unused
+        dcd = torch.zeros((k, k), **f32) if cd_grad else unused
+    with on_device(image_features):
+        _sls_bwd_kernel[grid](
+            Logits=logits, Lse=lse, TargetSum=target_sum, DLoss=dloss,
+            DLogits=dlogits if dlogits is not None else unused, DF=df, DText=dtext, DXRows=dx_rows,
+            DCD=dcd,
+            stride_dlb=dlogits.stride(0) if dlogits is not None else 0,
+            stride_dlk=dlogits.stride(1) if dlogits is not None else 0,
+            HAS_DLOGITS=dlogits is not None, TEXT_GRAD=text_grad, CD_GRAD=cd_grad, **args,
+        )
+        if exact_order:
+            df = df.sum(1) if args["SPLIT"] else df
+            if text_grad:
+                dtext = dtext.sum(0) + rows_by_label(dx_rows.sum(1), labels, k)
+            if cd_grad:
+                dcd = rows_by_label(dcd, labels, k)
+    return df.to(image_features.dtype), (dtext if text_grad else None), (dcd if cd_grad else None)
 
 
 @torch.library.custom_op("alignclip::sls_mms_loss", mutates_args=())
 def _sls_op(image_features: Tensor, text: Tensor, labels: Tensor, class_dist: Tensor, alpha: float,
-            logit_scale: float, epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
+            logit_scale: float, epsilon: float, exact_order: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _sls_fwd(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, exact_order)
 
 
 @_sls_op.register_fake
-def _(image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
+def _(image_features, text, labels, class_dist, alpha, logit_scale, epsilon, exact_order):
     b, k = image_features.shape[0], text.shape[0]
     f32 = dict(dtype=torch.float32)
     return (image_features.new_empty((), **f32), image_features.new_empty((b, k), **f32),
@@ -279,26 +331,27 @@ def _(image_features, text, labels, class_dist, alpha, logit_scale, epsilon):
 def _sls_bwd_op(dloss: Tensor, dlogits: Optional[Tensor], image_features: Tensor,
                 text: Tensor, labels: Tensor, class_dist: Tensor, logits: Tensor, lse: Tensor,
                 target_sum: Tensor, alpha: float, logit_scale: float, epsilon: float,
-                text_grad: bool, cd_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                text_grad: bool, cd_grad: bool, exact_order: bool) -> tuple[Tensor, Tensor, Tensor]:
     df, dtext, dcd = _sls_bwd(dloss, dlogits, image_features, text, labels,
                               class_dist, logits, lse, target_sum, alpha, logit_scale, epsilon,
-                              text_grad, cd_grad)
+                              text_grad, cd_grad, exact_order)
     return (df, dtext.to(text.dtype) if text_grad else text.new_empty(0),
             dcd.to(class_dist.dtype) if cd_grad else class_dist.new_empty(0))
 
 
 @_sls_bwd_op.register_fake
 def _(dloss, dlogits, image_features, text, labels, class_dist, logits, lse,
-      target_sum, alpha, logit_scale, epsilon, text_grad, cd_grad):
+      target_sum, alpha, logit_scale, epsilon, text_grad, cd_grad, exact_order):
     return (torch.empty_like(image_features), text.new_empty(text.shape if text_grad else (0,)),
             class_dist.new_empty(class_dist.shape if cd_grad else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    image_features, text, labels, class_dist, alpha, logit_scale, epsilon = inputs
+    image_features, text, labels, class_dist, alpha, logit_scale, epsilon, exact_order = inputs
     _, logits, lse, target_sum = output
     ctx.save_for_backward(image_features, text, labels, class_dist, logits, lse, target_sum)
     ctx.params = (alpha, logit_scale, epsilon)
+    ctx.exact_order = exact_order
     ctx.set_materialize_grads(False)
 
 
@@ -309,8 +362,8 @@ def _backward(ctx, dloss, dlogits, _d_lse, _d_target_sum):
     if dloss is None:
         dloss = torch.zeros((), dtype=torch.float32, device=logits.device)
     df, dtext, dcd = _sls_bwd_op(dloss, dlogits, image_features, text, labels, class_dist, logits,
-                                 lse, target_sum, *ctx.params, text_grad, cd_grad)
-    return (df, dtext if text_grad else None, None, dcd if cd_grad else None, None, None, None)
+                                 lse, target_sum, *ctx.params, text_grad, cd_grad, ctx.exact_order)
+    return (df, dtext if text_grad else None, None, dcd if cd_grad else None, None, None, None, None)
 
 
 _sls_op.register_autograd(_backward, setup_context=_setup_context)
@@ -336,14 +389,18 @@ def _check(image_features, text, labels, class_dist, alpha, logit_scale, epsilon
 
 
 def sls_mms_loss(image_features, text, labels, class_dist, *, alpha=MARGIN_ALPHA,
-                 logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON):
-    """`(loss, logits [B, K] fp32)`: SLS soft-target cross-entropy over CLIPood's margin logits."""
+                 logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON, deterministic=None):
+    """`(loss, logits [B, K] fp32)`: SLS soft-target cross-entropy over CLIPood's margin logits.
+
+    `deterministic` (default: `torch.use_deterministic_algorithms`' setting): no float atomics."""
     alpha, logit_scale, epsilon = _check(image_features, text, labels, class_dist, alpha,
                                          logit_scale, epsilon)
+    exact_order = deterministic_flag(deterministic)
     if not runs_triton(image_features):
         return loss_pytorch_path(reference.sls_mms_loss, image_features, text, labels, class_dist,
                                  alpha=alpha, logit_scale=logit_scale, epsilon=epsilon)
-    loss, logits, _, _ = _sls_op(image_features, text, labels, class_dist, alpha, logit_scale, epsilon)
+    loss, logits, _, _ = _sls_op(image_features, text, labels, class_dist, alpha, logit_scale, epsilon,
+                                 exact_order)
     return loss, logits
 
 

@@ -27,15 +27,15 @@ import torch
 from torch import Tensor
 
 from . import _checks, reference
-from ._runtime import HAS_TRITON, cuda_arch, loss_pytorch_path, next_pow2, runs_triton
-from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, split_blocks
+from ._runtime import HAS_TRITON, cuda_arch, deterministic_flag, loss_pytorch_path, next_pow2, on_device, runs_triton
+from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward, rows_by_label, split_blocks
 from .paper import TEMPERATURE
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .kernel_utils import combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, split_block
+    from .kernel_utils import accumulate, combine_logsumexp, gemv, gemv_t, inv_norm, last_to_arrive, split_block
 
 EPS = reference.NORM_EPS
 
@@ -88,9 +88,10 @@ if HAS_TRITON:
     @triton.jit
     def cosine_backward(Tok, stride_tp, stride_te, Text_row, stride_xe, DTok, stride_dp, stride_de,
                         DText_row, offs_p, p_mask, dc, c, nu, E, inv_nt, nt, eps,
-                        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr):
+                        BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr,
+                        EXACT_ORDER: tl.constexpr):
         """Store du_n for a block of rows given dc_n = dL/dc_n; with TEXT_GRAD, add the block's
-        part of d(text row) atomically (see the module docstring)."""
+        part of d(text row) into `DText_row` (see `text_grad_row`)."""
         inv_nu = inv_norm(nu * nu, eps)
         radial = tl.where(nu >= eps, c, 0.0)
         text_radial = tl.where(nt >= eps, tl.sum(dc * c, axis=0), 0.0)
@@ -106,7 +107,15 @@ if HAS_TRITON:
                      du.to(DTok.dtype.element_ty), mask=mask)
             if TEXT_GRAD:
                 dt = (gemv_t(u_hat, dc) - text_radial * t_hat) * inv_nt
-                tl.atomic_add(DText_row + offs_e, dt, mask=e_mask)
+                accumulate(DText_row + offs_e, dt, e_mask, EXACT_ORDER)
+
+    @triton.jit
+    def text_grad_row(DText, y, b, split, E, EXACT_ORDER: tl.constexpr):
+        """Where a program adds its part of d(text row y): the row itself (atomics), or in the
+        deterministic mode a row of its own, [B, splits, E], which `text_row_grads` combines."""
+        if EXACT_ORDER:
+            return DText + (b * tl.num_programs(1) + split) * E
+        return DText + y * E
 
     @triton.jit
     def normalize_rows(G, P, m_z, l_z, label_ok, BLOCK_P: tl.constexpr):
@@ -126,7 +135,7 @@ if HAS_TRITON:
         P, E, K, n_blocks, blocks_per_program, inv_temp, eps,
         BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         y, label_ok = label_row(Labels, b, K)
         Text_row = Text + y * stride_xk
@@ -168,8 +177,9 @@ if HAS_TRITON:
         stride_db, stride_dp, stride_de,
         P, E, K, n_blocks, blocks_per_program, inv_temp, eps,
         BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, TEXT_GRAD: tl.constexpr,
+        EXACT_ORDER: tl.constexpr,
     ):
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         y, _ = label_row(Labels, b, K)
         Text_row = Text + y * stride_xk
@@ -192,8 +202,9 @@ if HAS_TRITON:
                 c = tl.load(RowStats + (b * P + offs_p) * 2, mask=p_mask, other=0.0)
                 nu = tl.load(RowStats + (b * P + offs_p) * 2 + 1, mask=p_mask, other=1.0)
                 cosine_backward(Tok + b * stride_tb, stride_tp, stride_te, Text_row, stride_xe,
-                                DTok + b * stride_db, stride_dp, stride_de, DText + y * E, offs_p,
-                                p_mask, dc, c, nu, E, inv_nt, nt, eps, BLOCK_P, BLOCK_E, TEXT_GRAD)
+                                DTok + b * stride_db, stride_dp, stride_de,
+                                text_grad_row(DText, y, b, split, E, EXACT_ORDER), offs_p, p_mask, dc,
+                                c, nu, E, inv_nt, nt, eps, BLOCK_P, BLOCK_E, TEXT_GRAD, EXACT_ORDER)
 
 
 def _target_fwd(tokens, text, labels, temperature, config=None):
@@ -206,75 +217,96 @@ def _target_fwd(tokens, text, labels, temperature, config=None):
     row_stats = torch.empty((b, p, 2), dtype=torch.float32, device=tokens.device)
     partial = torch.empty((b, splits, 2), dtype=torch.float32, device=tokens.device)
     tickets = torch.zeros((b,), dtype=torch.int32, device=tokens.device)
-    _target_fwd_kernel[(b, splits)](
-        Tok=tokens, Text=text, Labels=labels, G=g, RowStats=row_stats, Partial=partial,
-        Tickets=tickets,
-        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
-        stride_xk=text.stride(0), stride_xe=text.stride(1),
-        P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
-        inv_temp=1.0 / temperature, eps=EPS, SPLIT=splits > 1, **config.kwargs,
-    )
+    with on_device(tokens):
+        _target_fwd_kernel[(b, splits)](
+            Tok=tokens, Text=text, Labels=labels, G=g, RowStats=row_stats, Partial=partial,
+            Tickets=tickets,
+            stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+            stride_xk=text.stride(0), stride_xe=text.stride(1),
+            P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
+            inv_temp=1.0 / temperature, eps=EPS, SPLIT=splits > 1, **config.kwargs,
+        )
     return g, row_stats
 
 
-def _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad, config=None):
+def text_row_grads(b, splits, text, exact_order):
+    """The buffer the backward adds d(text rows) into: [K, E] fp32 zeros for atomics, or a row
+    per program [B, splits, E] in the deterministic mode (`text_grad_row`)."""
+    shape = (b, splits, text.shape[1]) if exact_order else text.shape
+    return torch.zeros(shape, dtype=torch.float32, device=text.device)
+
+
+def combined_text_grads(grads, labels, num_classes, exact_order):
+    """d text [K, E] fp32 from `text_row_grads`' buffer: the programs' rows summed per image,
+    then per class in image order."""
+    return rows_by_label(grads.sum(1), labels, num_classes) if exact_order else grads
+
+
+def _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad, exact_order=False,
+                config=None):
     """(d tokens, d text fp32 or None)."""
     b, p, e = tokens.shape
     config = config or target_config(e, tokens.dtype, tokens.device)
     n_blocks = triton.cdiv(p, config["BLOCK_P"])
     splits, per_program = split_blocks(b, n_blocks, tokens.device)
     dtok = torch.empty((b, p, e), dtype=tokens.dtype, device=tokens.device)
-    dtext = (torch.zeros(text.shape, dtype=torch.float32, device=text.device) if text_grad
-             else placeholder(tokens.device))
-    _target_bwd_kernel[(b, splits)](
-        Tok=tokens, Text=text, Labels=labels, G=g, DG=dg, RowStats=row_stats, DTok=dtok,
-        DText=dtext,
-        stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
-        stride_xk=text.stride(0), stride_xe=text.stride(1),
-        stride_dgb=dg.stride(0), stride_dgp=dg.stride(1),
-        stride_db=dtok.stride(0), stride_dp=dtok.stride(1), stride_de=dtok.stride(2),
-        P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
-        inv_temp=1.0 / temperature, eps=EPS, TEXT_GRAD=text_grad, **config.kwargs,
-    )
-    return dtok, (dtext if text_grad else None)
+    dtext = text_row_grads(b, splits, text, exact_order) if text_grad else placeholder(tokens.device)
+    with on_device(tokens):
+        _target_bwd_kernel[(b, splits)](
+            Tok=tokens, Text=text, Labels=labels, G=g, DG=dg, RowStats=row_stats, DTok=dtok,
+            DText=dtext,
+            stride_tb=tokens.stride(0), stride_tp=tokens.stride(1), stride_te=tokens.stride(2),
+            stride_xk=text.stride(0), stride_xe=text.stride(1),
+            stride_dgb=dg.stride(0), stride_dgp=dg.stride(1),
+            stride_db=dtok.stride(0), stride_dp=dtok.stride(1), stride_de=dtok.stride(2),
+            P=p, E=e, K=text.shape[0], n_blocks=n_blocks, blocks_per_program=per_program,
+            inv_temp=1.0 / temperature, eps=EPS, TEXT_GRAD=text_grad, EXACT_ORDER=exact_order,
+            **config.kwargs,
+        )
+        if not text_grad:
+            return dtok, None
+        return dtok, combined_text_grads(dtext, labels, text.shape[0], exact_order)
 
 
 @torch.library.custom_op("alignclip::token_text_target", mutates_args=())
-def _target_op(tokens: Tensor, text: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _target_op(tokens: Tensor, text: Tensor, labels: Tensor, temperature: float,
+               exact_order: bool) -> tuple[Tensor, Tensor]:
     return _target_fwd(tokens, text, labels, temperature)
 
 
 @_target_op.register_fake
-def _(tokens, text, labels, temperature):
+def _(tokens, text, labels, temperature, exact_order):
     b, p, _ = tokens.shape
     return tokens.new_empty((b, p), dtype=torch.float32), tokens.new_empty((b, p, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("alignclip::token_text_target_backward", mutates_args=())
 def _target_bwd_op(dg: Tensor, tokens: Tensor, text: Tensor, labels: Tensor, g: Tensor,
-                   row_stats: Tensor, temperature: float, text_grad: bool) -> tuple[Tensor, Tensor]:
-    dtok, dtext = _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad)
+                   row_stats: Tensor, temperature: float, text_grad: bool,
+                   exact_order: bool) -> tuple[Tensor, Tensor]:
+    dtok, dtext = _target_bwd(dg, tokens, text, labels, g, row_stats, temperature, text_grad, exact_order)
     return dtok, dtext.to(text.dtype) if text_grad else text.new_empty(0)
 
 
 @_target_bwd_op.register_fake
-def _(dg, tokens, text, labels, g, row_stats, temperature, text_grad):
+def _(dg, tokens, text, labels, g, row_stats, temperature, text_grad, exact_order):
     return torch.empty_like(tokens), text.new_empty(text.shape if text_grad else (0,))
 
 
 def _setup_context(ctx, inputs, output):
-    tokens, text, labels, temperature = inputs
+    tokens, text, labels, temperature, exact_order = inputs
     g, row_stats = output
     ctx.save_for_backward(tokens, text, labels, g, row_stats)
-    ctx.temperature = temperature
+    ctx.temperature, ctx.exact_order = temperature, exact_order
 
 
 def _backward(ctx, dg, _d_row_stats):
     refuse_double_backward("token_text_target")
     tokens, text, labels, g, row_stats = ctx.saved_tensors
     text_grad = ctx.needs_input_grad[1]
-    dtok, dtext = _target_bwd_op(dg, tokens, text, labels, g, row_stats, ctx.temperature, text_grad)
-    return dtok, (dtext if text_grad else None), None, None
+    dtok, dtext = _target_bwd_op(dg, tokens, text, labels, g, row_stats, ctx.temperature, text_grad,
+                                 ctx.exact_order)
+    return dtok, (dtext if text_grad else None), None, None, None
 
 
 _target_op.register_autograd(_backward, setup_context=_setup_context)
@@ -295,10 +327,14 @@ def _check(tokens, text, labels, temperature):
     return _checks.positive_finite("temperature", temperature)
 
 
-def token_text_target(tokens, text, labels, *, temperature=TEMPERATURE):
-    """G [B, P] fp32: softmax over patches of cos(tokens[b, n], text[labels[b]]) / temperature."""
+def token_text_target(tokens, text, labels, *, temperature=TEMPERATURE, deterministic=None):
+    """G [B, P] fp32: softmax over patches of cos(tokens[b, n], text[labels[b]]) / temperature.
+
+    `deterministic` (default: `torch.use_deterministic_algorithms`' setting): d(text) without
+    float atomics."""
     temperature = _check(tokens, text, labels, temperature)
+    exact_order = deterministic_flag(deterministic)
     if not runs_triton(tokens):
         return loss_pytorch_path(reference.token_text_target, tokens, text, labels,
                                  temperature=temperature)
-    return _target_op(tokens, text, labels, temperature)[0]
+    return _target_op(tokens, text, labels, temperature, exact_order)[0]

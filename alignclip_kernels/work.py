@@ -41,8 +41,10 @@ COUNTED_HELPERS = {  # helper: multiply-adds from its arguments' shapes
     "fma_dot": lambda a, b: _numel(a) * _shape(b)[-1],
 }
 ATTENTION_SHAPES = {"ViT-B/16": (108, 12, 197, 64), "ViT-L/14": (108, 16, 257, 64)}
+PADDED_ATTENTION_SHAPES = {"ViT-g/14 (D=88 in 128 columns)": (108, 16, 257, 88)}   # counted, no budget
 LOSS_SHAPE = dict(B=108, P=196, E=512, L=5, H=12)
 CLASS_COUNTS = (7, 65, 345)
+DETERMINISTIC_CLASS_COUNTS = (7, 345)
 BUDGETS = {
     "loss_macs": 1.3, "loss_bytes": 1.2, "loss_programs": 132,
     "attention_fwd_macs": 1.25, "attention_bwd_macs": 1.4, "probe_overhead": 1.02,
@@ -286,39 +288,43 @@ def _attention_cases(dtype_name, quick):
 
     dtype = getattr(torch, dtype_name)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    variants = [(1, True, True), (1, False, True), (0, False, True), (1, True, False)]
-    if quick:
-        variants = [(1, True, True), (0, False, True)]
+    training = (1, True, True, False)     # the CLS row with its gradient, d(dv): AlignCLIP's step
+    variants = [training, (1, False, True, False), (0, False, True, False), (1, True, False, False)]
+    deterministic = (1, True, True, True)
     shapes = dict(list(ATTENTION_SHAPES.items())[:1]) if quick else ATTENTION_SHAPES
+    plan = [(name, shape, variant, "attention") for name, shape in shapes.items()
+            for variant in ([training, (0, False, True, False)] if quick else variants)]
+    plan.append(("ViT-B/16", ATTENTION_SHAPES["ViT-B/16"], deterministic, None))
+    if not quick:
+        plan += [(name, shape, training, None) for name, shape in PADDED_ATTENTION_SHAPES.items()]
     cases = []
-    for name, (b, h, n, d) in shapes.items():
-        for rows, d_rows, d_dv in variants:
-            def make(batch, n=n, d=d, rows=rows, d_rows=d_rows, d_dv=d_dv):
-                gen = torch.Generator().manual_seed(0)
-                qkv = torch.randn(batch, n, 3, 1, d, generator=gen).to(dtype)
-                q, k, v = attention._packed_views(qkv)
-                scale = d ** -0.5
+    for name, (b, h, n, d), (rows, d_rows, d_dv, exact), budget in plan:
+        def make(batch, n=n, d=d, rows=rows, d_rows=d_rows, d_dv=d_dv, exact=exact):
+            gen = torch.Generator().manual_seed(0)
+            qkv = torch.randn(batch, n, 3, 1, d, generator=gen).to(dtype)
+            q, k, v = attention._packed_views(qkv)
+            scale = d ** -0.5
 
-                def forward():
-                    return attention._attention_fwd(q, k, v, rows, scale, None)
+            def forward():
+                return attention._attention_fwd(q, k, v, rows, scale, None)
 
-                def backward(state):
-                    out, lse, row_attn = state
-                    grads = torch.empty((batch, n, 3, 1, d), dtype=dtype)
-                    dq, dk, dv = attention._packed_views(grads)
-                    d_out = torch.randn_like(out)
-                    d_dv_t = torch.randn_like(out) if d_dv else None
-                    d_rows_t = torch.randn_like(row_attn) if d_rows and rows else None
-                    attention._attention_bwd(d_out, d_dv_t, d_rows_t, q, k, v, out, lse, row_attn,
-                                             rows, scale, dq, dk, dv)
-                return forward, backward
+            def backward(state):
+                out, lse, row_attn = state
+                grads = torch.empty((batch, n, 3, 1, d), dtype=dtype)
+                dq, dk, dv = attention._packed_views(grads)
+                d_out = torch.randn_like(out)
+                d_dv_t = torch.randn_like(out) if d_dv else None
+                d_rows_t = torch.randn_like(row_attn) if d_rows and rows else None
+                attention._attention_bwd(d_out, d_dv_t, d_rows_t, q, k, v, out, lse, row_attn,
+                                         rows, scale, dq, dk, dv, exact_order=exact)
+            return forward, backward
 
-            label = f"{name} rows={rows}" + (" d(rows)" if d_rows and rows else "") + \
-                (" d(dv)" if d_dv else "")
-            necessary = (roofline.attention(b, h, n, d, itemsize, rows=rows),
-                         roofline.attention(b, h, n, d, itemsize, rows=rows, backward=True,
-                                            d_rows=d_rows and rows > 0, d_dv=d_dv))
-            cases.append(Case("attention", label, dtype_name, b * h, make, necessary, "attention"))
+        label = f"{name} rows={rows}" + (" d(rows)" if d_rows and rows else "") + \
+            (" d(dv)" if d_dv else "") + (" deterministic" if exact else "")
+        necessary = (roofline.attention(b, h, n, d, itemsize, rows=rows),
+                     roofline.attention(b, h, n, d, itemsize, rows=rows, backward=True,
+                                        d_rows=d_rows and rows > 0, d_dv=d_dv))
+        cases.append(Case("attention", label, dtype_name, b * h, make, necessary, budget))
     return cases
 
 
@@ -345,40 +351,43 @@ def _loss_cases(dtype_name, quick):
     b, p, e, n_layers, h = (LOSS_SHAPE[key] for key in ("B", "P", "E", "L", "H"))
     cases = []
     counts = (7, 345) if quick else CLASS_COUNTS
-    for k in counts:
-        def make_similarity(batch, k=k):
+    # The deterministic mode at the training's own calls (no text gradient), counted without budgets.
+    plan = [(k, False) for k in counts] + ([] if quick else [(k, True) for k in DETERMINISTIC_CLASS_COUNTS])
+    for k, exact in plan:
+        label, budget = f"K={k}" + (" deterministic" if exact else ""), None if exact else "loss"
+        def make_similarity(batch, k=k, exact=exact):
             tokens, tokens_dv, text, _ = _loss_inputs(batch, k, dtype, torch.Generator().manual_seed(k))
 
             def forward():
-                return similarity_align._sim_fwd(tokens, tokens_dv, text)
+                return similarity_align._sim_fwd(tokens, tokens_dv, text, exact)
 
             def backward(state):
-                similarity_align._sim_bwd(torch.ones(()), tokens, tokens_dv, text, state[1], state[2], False)
+                similarity_align._sim_bwd(torch.ones(()), tokens, tokens_dv, text, state[1], state[2], False, exact)
             return forward, backward
 
-        cases.append(Case("similarity_align", f"K={k}", dtype_name, b, make_similarity,
+        cases.append(Case("similarity_align", label, dtype_name, b, make_similarity,
                           (roofline.similarity_align(b, p, e, k, itemsize),
-                           roofline.similarity_align(b, p, e, k, itemsize, backward=True)), "loss"))
+                           roofline.similarity_align(b, p, e, k, itemsize, backward=True)), budget))
 
-        def make_sls(batch, k=k):
+        def make_sls(batch, k=k, exact=exact):
             tokens, _, text, labels = _loss_inputs(batch, k, dtype, torch.Generator().manual_seed(k))
             feats = tokens[:, 0].contiguous()
             dist = sls_mms.class_distribution(text.float())
 
             def forward():
-                return sls_mms._sls_fwd(feats, text, labels, dist, *PAPER_SLS)
+                return sls_mms._sls_fwd(feats, text, labels, dist, *PAPER_SLS, exact)
 
             def backward(state):
                 _, logits, lse, target_sum = state
                 sls_mms._sls_bwd(torch.ones(()), None, feats, text, labels, dist, logits, lse,
-                                 target_sum, *PAPER_SLS, False, False)
+                                 target_sum, *PAPER_SLS, False, False, exact)
             return forward, backward
 
-        cases.append(Case("sls_mms", f"K={k}", dtype_name, b, make_sls,
+        cases.append(Case("sls_mms", label, dtype_name, b, make_sls,
                           (roofline.sls_mms(b, e, k, itemsize),
-                           roofline.sls_mms(b, e, k, itemsize, backward=True)), "loss"))
+                           roofline.sls_mms(b, e, k, itemsize, backward=True)), budget))
 
-        def make_target(batch, k=k):
+        def make_target(batch, k=k, exact=exact):
             _, tokens_dv, text, labels = _loss_inputs(batch, k, dtype, torch.Generator().manual_seed(k))
 
             def forward():
@@ -386,31 +395,30 @@ def _loss_cases(dtype_name, quick):
 
             def backward(state):
                 g, row_stats = state
-                _target_bwd(torch.randn_like(g), tokens_dv, text, labels, g,
-                                              row_stats, 1.0, False)
+                _target_bwd(torch.randn_like(g), tokens_dv, text, labels, g, row_stats, 1.0, False, exact)
             return forward, backward
 
-        cases.append(Case("token_text_target", f"K={k}", dtype_name, b, make_target,
+        cases.append(Case("token_text_target", label, dtype_name, b, make_target,
                           (roofline.token_text_target(b, p, e, itemsize, k=k),
-                           roofline.token_text_target(b, p, e, itemsize, k=k, backward=True)), "loss"))
+                           roofline.token_text_target(b, p, e, itemsize, k=k, backward=True)), budget))
 
-        def make_aal(batch, k=k):
+        def make_aal(batch, k=k, exact=exact):
             _, tokens_dv, text, labels = _loss_inputs(batch, k, dtype, torch.Generator().manual_seed(k))
             cls = torch.softmax(torch.randn(n_layers, batch, h, p + 1), -1)
 
             def forward():
-                return aal._aal_fwd(cls, None, tokens_dv, text, labels, 1.0)
+                return aal._aal_fwd(cls, None, tokens_dv, text, labels, 1.0, exact)
 
             def backward(state):
                 _, mean, z, row_stats, stats = state
                 aal._aal_bwd(torch.ones(()), cls, None, tokens_dv, text, labels, 1.0, mean, z,
-                             row_stats, stats, False, False)
+                             row_stats, stats, False, False, exact)
             return forward, backward
 
-        cases.append(Case("aal_loss", f"K={k}", dtype_name, b, make_aal,
+        cases.append(Case("aal_loss", label, dtype_name, b, make_aal,
                           (roofline.aal(n_layers, b, h, p + 1, e, itemsize, k=k),
                            roofline.aal(n_layers, b, h, p + 1, e, itemsize, k=k, backward=True)),
-                          "loss"))
+                          budget))
 
     def make_kl(batch):
         cls = torch.softmax(torch.randn(n_layers, batch, h, p + 1), -1)

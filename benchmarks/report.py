@@ -119,9 +119,36 @@ def work_model_times(work):
              "sls_mms": "sls-mms"}
     out = {}
     for r in work.get("results", []):
-        if r["dtype"] == "bfloat16" and r["op"] in names and r["case"].startswith("K="):
+        if r["dtype"] == "bfloat16" and r["op"] in names and r["case"][2:].isdigit():
             out[(names[r["op"]], int(r["case"][2:]))] = sum(p["model_us"] for p in r["phases"].values())
     return out
+
+
+def deterministic_section(work):
+    """The deterministic mode's extra work: each deterministic case against the same case with
+    atomics, forward + backward."""
+    by_key = {(r["op"], r["case"], r["dtype"]): r for r in work.get("results", [])}
+    lines = []
+    for (op, case, dtype), r in by_key.items():
+        base = by_key.get((op, case.replace(" deterministic", ""), dtype))
+        if not case.endswith(" deterministic") or base is None:
+            continue
+
+        def total(result, key):
+            return sum(p[key] for p in result["phases"].values())
+
+        lines.append(f"| {op} | {case.replace(' deterministic', '')} | {dtype} | "
+                     f"{total(r, 'macs') / total(base, 'macs'):.2f} | {total(r, 'unique') / total(base, 'unique'):.2f} | "
+                     f"{sum(k['atomics'] for k in base['kernels'])} → {sum(k['atomics'] for k in r['kernels'])} | "
+                     f"{total(base, 'model_us'):.1f} → {total(r, 'model_us'):.1f} |")
+    if not lines:
+        return ""
+    return "\n".join(["## The deterministic mode's extra work (counted, not timed)", "",
+                      "`deterministic=True` (or `torch.use_deterministic_algorithms(True)`) against the "
+                      "default, forward + backward at the full batch. Atomics count every atomic "
+                      "operation (the deterministic mode keeps only the integer arrival tickets).", "",
+                      "| op | case | dtype | MACs ÷ default | unique bytes ÷ default | atomics | model µs |",
+                      "|" + " --- |" * 7, *lines, ""])
 
 
 def work_section(work):
@@ -131,8 +158,9 @@ def work_section(work):
                       f"`python -m alignclip_kernels.work --json FILE` ({work.get('arch', 'sm_90')} "
                       "configurations, full batch). Executed vs necessary multiply-adds, unique vs "
                       "compulsory bytes, programs in the grid, and a model H200 time "
-                      "(max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak)): counted, not measured.", "",
-                      format_table(work["results"]), ""])
+                      "(max(bytes ÷ 4.3 TB/s, FLOPs ÷ peak)): counted, not measured. Cases without a "
+                      "budget: the deterministic mode and head dims padded to a power of two.", "",
+                      format_table(work["results"]), "", deterministic_section(work)])
 
 
 def tiles_section(tiles):
@@ -202,6 +230,23 @@ def _read(path):
         return json.load(f)
 
 
+def merge_results(folder, out):
+    """One pytest-benchmark JSON from the per-module files in `folder` (gpu_check.sh runs each
+    module with its own file, so that a timeout keeps the modules already done)."""
+    merged = None
+    for name in sorted(os.listdir(folder)):
+        data = _read(os.path.join(folder, name))
+        if merged is None:
+            merged = data
+        else:
+            merged["benchmarks"] += data["benchmarks"]
+    if merged is None:
+        raise SystemExit(f"no benchmark results in {folder}")
+    with open(out, "w") as f:
+        json.dump(merged, f)
+    print(f"merged {len(merged['benchmarks'])} benchmarks into {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("results", nargs="?", default=os.path.join(".benchmarks", "results.json"),
@@ -213,7 +258,12 @@ def main(argv=None):
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=os.path.join("benchmarks", "plots"))
     parser.add_argument("--command", default="pytest benchmarks/ --benchmark-only")
+    parser.add_argument("--merge", metavar="DIR", help="only merge the benchmark JSON files in DIR (--merge-out)")
+    parser.add_argument("--merge-out", metavar="FILE", help="where --merge writes")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge_results(args.merge, args.merge_out)
+        return 0
     write_report(_read(args.results), args.out, args.plots, args.command, _read(args.work),
                  _read(args.tiles), _read(args.ptxas))
     print(f"wrote {args.out} and {args.plots}/")

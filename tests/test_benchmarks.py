@@ -43,4 +43,15 @@ def test_suite_runs_as_typed_and_report_renders(tmp_path):
     text = out.read_text()
     assert "## Targets" in text and "| provider | backend |" in text
     assert "## Work counted on the CPU (not timed)" in text and "work-model time" in text
+    assert "## The deterministic mode's extra work" in text and "| attention | ViT-B/16 rows=1" in text
     assert len(list((tmp_path / "plots").glob("*.png"))) == len(groups)
+    # gpu_check.sh writes a JSON per benchmark module and merges them after each one.
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    half = len(data["benchmarks"]) // 2
+    for name, chunk in (("a.json", data["benchmarks"][:half]), ("b.json", data["benchmarks"][half:])):
+        (parts / name).write_text(json.dumps({**data, "benchmarks": chunk}))
+    merged = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "benchmarks/report.py", "--merge", str(parts), "--merge-out", str(merged)],
+                   cwd=ROOT, check=True, timeout=60)
+    assert json.loads(merged.read_text())["benchmarks"] == data["benchmarks"]

@@ -16,7 +16,8 @@ interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="the custom ops launch Triton kernels")
 
 
-def _op_cases():
+def _op_cases(exact_order=False):
+    """Each custom op with arguments; the last, `exact_order`, is the deterministic mode."""
     tokens = torch.randn(2, 9, 16, generator=gen(0), requires_grad=True)
     tokens_dv = torch.randn(2, 9, 16, generator=gen(1), requires_grad=True)
     text = unit(3, 16, 2).requires_grad_()
@@ -28,19 +29,20 @@ def _op_cases():
     q, k, v = (torch.randn(1, 2, 20, 32, generator=gen(7 + i), requires_grad=True) for i in range(3))
     ops = torch.ops.alignclip
     return {
-        "token_text_target": (ops.token_text_target, (tokens, text, labels, 0.5)),
-        "aal_kl_loss": (ops.aal_kl_loss, (cls, target)),
-        "aal_loss": (ops.aal_loss, (cls, tokens_dv, text, labels, 1.0)),
-        "similarity_align_loss": (ops.similarity_align_loss, (tokens, tokens_dv, text)),
-        "sls_mms_loss": (ops.sls_mms_loss, (feats, text, labels, dist, 0.3, 100.0, 0.9)),
-        "dual_attention": (ops.dual_attention, (q, k, v, 2, 32 ** -0.5, True)),
+        "token_text_target": (ops.token_text_target, (tokens, text, labels, 0.5, exact_order)),
+        "aal_kl_loss": (ops.aal_kl_loss, (cls, target, exact_order)),
+        "aal_loss": (ops.aal_loss, (cls, tokens_dv, text, labels, 1.0, exact_order)),
+        "similarity_align_loss": (ops.similarity_align_loss, (tokens, tokens_dv, text, exact_order)),
+        "sls_mms_loss": (ops.sls_mms_loss, (feats, text, labels, dist, 0.3, 100.0, 0.9, exact_order)),
+        "dual_attention": (ops.dual_attention, (q, k, v, 2, 32 ** -0.5, True, exact_order)),
     }
 
 
 @interpreted
+@pytest.mark.parametrize("exact_order", [False, True])
 @pytest.mark.parametrize("name", list(_op_cases()))
-def test_opcheck(name):
-    op, args = _op_cases()[name]
+def test_opcheck(name, exact_order):
+    op, args = _op_cases(exact_order)[name]
     torch.library.opcheck(op, args)
 
 

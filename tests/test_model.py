@@ -16,9 +16,9 @@ from alignclip_kernels import reference as ref
 from utils import gen
 
 
-def open_clip_vit(ls_init_value=None, layers=4):
+def open_clip_vit(ls_init_value=None, layers=4, width=64, heads=2):
     torch.manual_seed(0)
-    return VisionTransformer(image_size=32, patch_size=8, width=64, layers=layers, heads=2,
+    return VisionTransformer(image_size=32, patch_size=8, width=width, layers=layers, heads=heads,
                              mlp_ratio=2.0, ls_init_value=ls_init_value, output_dim=32).eval()
 
 
@@ -129,6 +129,8 @@ TOWERS = {
     "timm": ("timm", lambda: timm_vit()),
     "timm QK-norm": ("timm", lambda: timm_vit(qk_norm=True)),
     "transformers CLIP": ("hf", hf_clip),
+    "ViT-g-14-like, head dim 88": ("open_clip", lambda: open_clip_vit(width=176, layers=3)),
+    "ViT-bigG-14-like, head dim 104": ("open_clip", lambda: open_clip_vit(width=208, layers=3)),
 }
 
 
@@ -204,6 +206,12 @@ REFUSED = [
 def test_variants_the_fused_op_cannot_express_are_refused_by_block_and_feature(make, match):
     with pytest.raises(TowerError, match=match):
         AlignCLIPVisual(make())
+
+
+def test_a_head_dim_the_kernels_cannot_take_is_refused_when_built_naming_model_and_block():
+    with pytest.raises(TowerError, match=r"VisionTransformer block 0 \(1 heads of width 100\): head dim D "
+                                         r"must be a multiple of 8 from 8 to 256.*got 100"):
+        AlignCLIPVisual(open_clip_vit(width=100, heads=1, layers=2), dual_layers=1, aal_layers=(0,))
 
 
 def test_towers_whose_output_is_not_clips_image_embedding_are_refused_in_one_line():

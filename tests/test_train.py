@@ -17,6 +17,7 @@ from alignclip import cli
 from alignclip.checkpoint import RunError, load
 from alignclip.train import train
 from tiny_run import tiny_config
+from utils import AtomicRecorder
 
 
 def _ckpt(path):
@@ -197,6 +198,11 @@ def test_training_runs_through_the_interpreted_kernels(tmp_path):
     summary = train(tiny_config(tmp_path / "data", tmp_path / "out", "train.epochs=1", "train.iters_per_epoch=2",
                                 "train.attention_images=0"))
     assert summary["steps"] == 2
+    with AtomicRecorder() as recorder:
+        summary = train(tiny_config(tmp_path / "data", tmp_path / "exact", "train.epochs=1", "train.iters_per_epoch=2",
+                                    "train.attention_images=0", "train.deterministic=true"))
+    assert summary["steps"] == 2 and not torch.are_deterministic_algorithms_enabled()   # restored after the run
+    assert len(recorder) > 0 and not [a for a in recorder.atomics if a[1]], "a float atomic in deterministic mode"
 
 
 def test_non_finite_loss_says_whether_a_checkpoint_is_kept(tmp_path, torch_path, monkeypatch):

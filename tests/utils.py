@@ -126,6 +126,30 @@ class LaunchCounter:
         return len(self.names)
 
 
+class AtomicRecorder(LaunchCounter):
+    """Every atomic the interpreted kernels issue: (kernel, float or int, memory semantics)."""
+
+    def __enter__(self):
+        from triton.runtime import interpreter
+
+        super().__enter__()
+        self.atomics = []
+        builder = interpreter.InterpreterBuilder
+        self._builder, self._rmw = builder, builder.create_atomic_rmw
+        recorder = self
+
+        def recorded(this, rmw_op, ptr, val, mask, sem, scope):
+            recorder.atomics.append((recorder.names[-1], val.dtype.scalar.is_floating(), str(sem).split(".")[-1]))
+            return recorder._rmw(this, rmw_op, ptr, val, mask, sem, scope)
+
+        builder.create_atomic_rmw = recorded
+        return self
+
+    def __exit__(self, *exc):
+        self._builder.create_atomic_rmw = self._rmw
+        return super().__exit__(*exc)
+
+
 def refusal_test(cases):
     """A test over {name: (call, exception type, message pattern)}: each bad call is refused with
     that exception, naming what was wrong."""
