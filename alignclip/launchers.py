@@ -300,12 +300,12 @@ class Submitit:
             import submitit
         except ImportError:
             raise ValueError("the submitit launcher needs submitit: pip install 'alignclip-kernels[slurm]'") from None
-        if options.cluster == "slurm" and not _has_sbatch():
-            raise ValueError("the submitit launcher found no SLURM here (no sbatch on PATH); "
-                             "--submitit-cluster local runs the same jobs as local processes")
         bad = [option for option in options.options if "=" not in option]
         if bad:
             raise ValueError(f"--slurm-option takes KEY=VALUE (an sbatch option), got {bad[0]!r}")
+        if options.cluster == "slurm" and not _has_sbatch():
+            raise ValueError("the submitit launcher found no SLURM here (no sbatch on PATH); "
+                             "--submitit-cluster local runs the same jobs as local processes")
         self.executor = submitit.AutoExecutor(folder=os.path.join(folder, "submitit"), cluster=options.cluster)
         extra = dict(option.split("=", 1) for option in options.options)
         params = dict(name="alignclip-sweep", timeout_min=options.time_min, gpus_per_node=options.gpus_per_job,

@@ -197,8 +197,10 @@ def _tile_sets(block_d, dtype, major):
         return LaunchConfig.of(num_warps=warps, num_stages=stages, BLOCK_M=m, BLOCK_N=n, BLOCK_D=block_d)
 
     hopper = major >= 9
-    if block_d > 128:   # 256 columns (16-bit only, see FP32_MAX_HEAD_DIM): thin tiles over 8 warps
-        return [cfg(32, 32, 8), cfg(64, 16, 8)], [cfg(16, 32, 8), cfg(32, 16, 8)]
+    if block_d > 128:   # 256 columns (16-bit only, see FP32_MAX_HEAD_DIM): thin tiles over 8 warps;
+        # Hopper's wgmma needs 64 query rows per warpgroup
+        fwd = [cfg(64, 16, 8)] if hopper else [cfg(32, 32, 8), cfg(64, 16, 8)]
+        return fwd, [cfg(16, 32, 8), cfg(32, 16, 8)]
     if dtype == torch.float32:   # tf32x3 operands are twice as wide as 16-bit ones, split in three
         if block_d > 64:
             return [cfg(16, 32, 8), cfg(16, 16, 8)], [cfg(32, 16, 8), cfg(16, 16, 8)]

@@ -15,7 +15,7 @@
 # (python -m alignclip_kernels.ptxas_report, Triton 3.8, 2026-12-05): 2.0 s of one core per
 # kernel configuration on average, 7 to 11 s for a 16-bit attention forward candidate. The
 # report's sm_90a half, about what the GPU tests compile (every head dim, dtype, autotune
-# candidate, the deterministic passes, the losses at three class counts), is 345
+# candidate, the deterministic passes, the losses at three class counts), is 349
 # configurations: ~690 s on one core, ~45 s on 16, hence the order:
 #   1. static tiles (ALIGNCLIP_AUTOTUNE=0) with every autotune candidate checked by `config=`:
 #      correctness, one pytest worker per core, so the compiles run in parallel and fill the

@@ -19,7 +19,7 @@ KEYS = {"kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", 
 @pytest.fixture(scope="module")
 def bf16_rows(tmp_path_factory):
     """The report for the training dtype on both architectures (the full report, all three
-    dtypes, takes about 13 minutes on one core: it is committed as benchmarks/ptxas.json)."""
+    dtypes, takes about 23 minutes of one core: it is committed as benchmarks/ptxas.json)."""
     out = tmp_path_factory.mktemp("ptxas") / "report.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
     res = subprocess.run([sys.executable, "-m", "alignclip_kernels.ptxas_report", "--dtype", "bfloat16",
