@@ -13,15 +13,19 @@ class RunError(RuntimeError):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`. The
+    file is named to torch.save, so its C++ writer writes it without calling back into Python
+    (a background writer then holds the GIL only to pickle the tree)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        torch.save(obj, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -80,7 +80,8 @@ class TrainConfig:
     device: str = "auto"                  # auto | cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile the model and loss
     log_every: int = 10
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500           # steps between checkpoints (written in the background)
+    checkpoint_minutes: Optional[float] = None   # also a checkpoint whenever this many minutes passed
     eval_batch_size: int = 128
     select_best: bool = True              # evaluate the source domains' validation split each epoch
     attention_images: int = 4             # images in attention.png (0: no figure)
@@ -210,6 +211,9 @@ def validate(cfg):
     _check_range("train.accumulate", t.accumulate, lambda v: v >= 1, "an integer >= 1")
     _check_range("train.warmup_steps", t.warmup_steps, lambda v: 0 <= v < max(cfg.total_steps, 1),
                  f"an integer in [0, {cfg.total_steps}) (the run's steps)")
+    if t.checkpoint_minutes is not None:
+        _check_range("train.checkpoint_minutes", t.checkpoint_minutes, lambda v: finite(v) and v > 0,
+                     "finite and > 0 or null")
     if t.grad_clip is not None:
         _check_range("train.grad_clip", t.grad_clip, lambda v: finite(v) and v > 0, "finite and > 0 or null")
     for name, value in (("data.batch_size", d.batch_size), ("train.epochs", t.epochs),
@@ -298,7 +302,7 @@ def from_dict(data, overrides=()):
 
 # Keys that do not change what a run computes: a resumed run may differ in these.
 RUN_NEUTRAL = {"output_dir", "data.root", "data.num_workers", "train.device", "train.compile",
-               "train.log_every", "train.checkpoint_every", "train.eval_batch_size",
+               "train.log_every", "train.checkpoint_every", "train.checkpoint_minutes", "train.eval_batch_size",
                "train.attention_images", "train.logger", "train.wandb_project", "data.skip_corrupt",
                "model.grad_checkpointing"}
 

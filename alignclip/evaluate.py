@@ -19,7 +19,8 @@ from .checkpoint import RunError, load, load_weights
 from .clip import build_architecture
 from .config import from_dict, resolved_transforms
 from .data import DeviceBatches, build_task, eval_loader, worker_count
-from .data.samples import CorruptImageError
+from .data.decode import CorruptImageError
+from .data.root import data_config
 from .model import AlignCLIPVisual
 
 
@@ -103,7 +104,6 @@ def zero_shot(cfg):
     from .distributed import Dist, resolve_device
     from .run import RunFolder, provenance
     from .text import class_text_features
-    from .train import data_config
 
     ddp = Dist()
     device = resolve_device(cfg.train.device, ddp)

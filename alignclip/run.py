@@ -20,6 +20,8 @@ from .config import config_hash, run_changing_differences
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json", "attention.png", "curves.png",
              "checkpoints", "tensorboard", "wandb", "train.log", "failed.json")
+# files a run that failed before its first step leaves (train.log is the launcher's, kept)
+LEFTOVERS = ("config.yaml", "metrics.jsonl", "curves.png", os.path.join("checkpoints", "attention_before.pt"))
 
 
 class RunFolder:
@@ -34,17 +36,23 @@ class RunFolder:
         self.config = os.path.join(path, "config.yaml")
 
     def holds_run(self):
-        return any(os.path.exists(os.path.join(self.path, f)) for f in RUN_FILES)
+        """Whether a run made a step here: a checkpoint, a logged step or a summary. What a run
+        that failed before its first step left (its config.yaml, the attention snapshot, a
+        failure note) is no run: the next run here clears it."""
+        if any(os.path.exists(p) for p in (self.last, self.best, self.summary)):
+            return True
+        return bool(os.path.exists(self.metrics) and os.path.getsize(self.metrics))
 
     def prepare(self, cfg, resume, overwrite):
         """Check the folder before any work: a new run never mixes with an old one."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise RunError(f"output_dir {self.path} is a file, not a folder")
-        if self.holds_run() and not (resume or overwrite):
+        held = self.holds_run()
+        if held and not (resume or overwrite):
             raise RunError(f"output_dir {self.path} already holds a run; pass --resume to continue it "
                            "or --overwrite to replace it")
-        if overwrite:
-            for name in RUN_FILES:
+        if overwrite or not held:
+            for name in (RUN_FILES if overwrite else LEFTOVERS):
                 target = os.path.join(self.path, name)
                 if os.path.isdir(target):
                     shutil.rmtree(target)
@@ -61,7 +69,7 @@ class RunFolder:
         for name in os.listdir(self.checkpoints):   # left by a process killed while writing
             if ".tmp-" in name:
                 os.remove(os.path.join(self.checkpoints, name))
-        if not os.path.exists(self.config):
+        if not held or not os.path.exists(self.config):
             with open(self.config, "w") as f:
                 f.write(cfg.to_yaml())
 

@@ -23,10 +23,10 @@ import yaml
 from .config import ConfigError, load_config, run_changing_differences
 from .data import DATASETS
 from .data.domainbed import load_domains
+from .data.root import data_config
 from .launchers import LAUNCHERS, Job, Local, Processes, SlurmOptions, Submitit, Tally, failure_of, visible_gpus
 from .results import build, run_metrics
 from .run import RunFolder
-from .train import data_config
 from .visualize import save_results_figure
 
 
@@ -93,7 +93,7 @@ def state_of(job):
     asked = 0 if job.zero_shot else cfg.total_steps if job.max_steps is None else min(cfg.total_steps, job.max_steps)
     record["asked_steps"] = asked
     folder = RunFolder(job.output_dir)
-    if os.path.exists(folder.config):
+    if folder.holds_run() and os.path.exists(folder.config):   # a run that made no step is no run
         with open(folder.config) as f:
             saved = yaml.safe_load(f)
         changed = run_changing_differences(saved, cfg)

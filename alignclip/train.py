@@ -24,10 +24,12 @@ import torch
 from . import distributed
 from .bma import BetaMovingAverage
 from .checkpoint import FORMAT, RunError, load, load_weights, rng_state, save_atomic, set_rng_state
+from .checkpoint_writer import Schedule, background_writer
 from .clip import build_clip, check_model, logit_scale, random_init_notice
 from .config import RunConfig, resolved_transforms
-from .data import DeviceBatches, build_task, train_loader, worker_count, write_synthetic
-from .data.samples import CorruptImageError
+from .data import DeviceBatches, build_task, train_loader, worker_count
+from .data.decode import CorruptImageError
+from .data.root import data_config
 from .evaluate import Evaluator, image_size
 from .lagged import LaggedReads
 from .losses import AlignCLIPLoss
@@ -50,21 +52,6 @@ class Progress:
     train_seconds: float = 0.0
     last_val: Optional[float] = None      # the last tower's validation accuracy at last_val_step
     last_val_step: int = -1
-
-
-def data_config(cfg, ddp):
-    """cfg.data with its root resolved; the synthetic demo set is written under the run folder
-    on first use."""
-    data = cfg.data
-    if data.dataset != "Synthetic":
-        return data
-    root = data.root or os.path.join(cfg.output_dir, "data")
-    if ddp.main:
-        s = data.synthetic
-        write_synthetic(root, domains=s.domains, classes=s.classes, per_class=s.per_class,
-                        size=s.image_size, seed=cfg.seed)
-    ddp.barrier()
-    return dataclasses.replace(data, root=root)
 
 
 def step_batches(task, cfg, size, start, stop, ddp, device):
@@ -147,7 +134,8 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
     criterion = AlignCLIPLoss(text["train"], alpha=lc.alpha, epsilon=lc.epsilon,
                               logit_scale=lc.logit_scale or logit_scale(clip), smoothing=lc.smoothing,
                               aloss=lc.aloss, temperature=lc.temperature, align=lc.align)
-    optimizer = torch.optim.AdamW(visual.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(visual.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.total_steps, cfg.train.warmup_steps))
     bma = BetaMovingAverage(visual, cfg.total_steps, beta=cfg.train.bma_beta)
     progress, resumed = Progress(), {}
@@ -170,18 +158,15 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
     elif resume and held and ddp.main:
         echo(f"no checkpoint at {folder.last}: starting from step 0")
 
-    def save():
-        if ddp.main:
-            save_atomic({"format": FORMAT, "step": progress.step, "config": cfg.to_dict(),
-                         "visual": visual.state_dict(), "bma": bma.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "stepper": stepper.state_dict(),
-                         "rng": rng_state(), "progress": dataclasses.asdict(progress), "text": text,
-                         "classnames": {"train": task.classnames,
-                                        **{k: v.classnames for k, v in task.eval_sets.items()}},
-                         "logit_scale": criterion.logit_scale, "template": template,
-                         "text_tower": text_tower_state(clip, cfg)}, folder.last)
-        ddp.barrier()
+    def state():
+        return {"format": FORMAT, "step": progress.step, "config": cfg.to_dict(),
+                "visual": visual.state_dict(), "bma": bma.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "stepper": stepper.state_dict(),
+                "rng": rng_state(), "progress": dataclasses.asdict(progress), "text": text,
+                "classnames": {"train": task.classnames, **{k: v.classnames for k, v in task.eval_sets.items()}},
+                "logit_scale": criterion.logit_scale, "template": template,
+                "text_tower": text_tower_state(clip, cfg)}
 
     if ddp.main and cfg.train.attention_images and cfg.loss.align and not os.path.exists(folder.before):
         snapshot = attention_snapshot(model, task, cfg, text["train"], size, device)
@@ -194,8 +179,8 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
         ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-    def forward(images, labels):
-        return criterion(net(images), labels)
+    def forward(images, labels):   # CLIPood (loss.align false) runs the original path alone
+        return criterion(net(images, align=cfg.loss.align), labels)
 
     if cfg.train.compile:
         forward = torch.compile(forward)
@@ -221,7 +206,16 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
             row = {"step": read.step, **dict(zip(LOGGED, read.values)), **logged.pop(read.step)}
             monitor.window(row, session_steps, session_seconds)
 
-    with StopSignals() as signals:
+    schedule = Schedule(cfg.train.checkpoint_every, cfg.train.checkpoint_minutes)
+
+    def save(writer):
+        """last.pt in the background (rank 0); the loop goes on while it is written."""
+        consume(lagged.flush())     # a non-finite step stops the run before it is saved
+        if ddp.main:
+            writer.save(state(), folder.last)
+        schedule.saved()
+
+    with StopSignals() as signals, background_writer() as writer:
         clock, wait_mark, window_start = time.perf_counter(), batches.wait, time.perf_counter()
         for images, labels in batches:
             done = stepper(images, labels)
@@ -229,6 +223,8 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
             lagged.push("finite", progress.step + 1, finiteness(terms, None if done.scaled else done.grad_norm))
             bma.update()
             progress.step += 1
+            if session_steps == 0 and ddp.main:   # the optimizer's state now exists: buffers for saving it
+                writer.prepare(state(), folder.last)
             now = time.perf_counter()
             progress.train_seconds += now - clock
             session_steps, session_seconds = session_steps + 1, session_seconds + now - clock
@@ -256,22 +252,22 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
                     if val is not None and val > progress.best_val:
                         progress.best_val = val
                         progress.best_epoch = progress.step // cfg.train.iters_per_epoch
-                        save_atomic({"visual": visual.state_dict(), "epoch": progress.best_epoch,
+                        writer.save({"visual": visual.state_dict(), "epoch": progress.best_epoch,
                                      "step": progress.step, "val": val}, folder.best)
                     monitor.evaluation(progress.step, {"last": {"val": val}}, evaluator.by_domain)
                 ddp.barrier()
                 clock = window_start = time.perf_counter()
             if signals.received:
-                consume(lagged.flush())
-                save()
+                save(writer)
+                writer.wait()
+                ddp.barrier()
                 monitor.close()
                 raise Stopped(signals.received, progress.step, folder.last)
-            if progress.step % cfg.train.checkpoint_every == 0 and progress.step < stop:
-                consume(lagged.flush())
-                save()
+            if ddp.main and schedule.due(progress.step, stop):
+                save(writer)
                 clock = window_start = time.perf_counter()
-    consume(lagged.flush())
-    save()
+        save(writer)
+    ddp.barrier()
     monitor.end_bar()
 
     # -- evaluation: each image decoded once for every tower, no pass made twice ----------------

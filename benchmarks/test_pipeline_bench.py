@@ -1,41 +1,37 @@
-"""One group per image size (PACS's 227x227 and DomainNet's 500x375, generated JPEGs): the
-training input pipeline for one batch of the authors' preprocessing, in one process on one core.
+"""One group per transform (the authors' preprocessing; DomainBed's stock one with ColorJitter
+and RandomGrayscale) and image size (PACS's 227x227 and DomainNet's 500x375, generated
+photo-like JPEGs): one training batch of the input pipeline, everything counted, in one process
+on one thread (a data worker's core).
 
-- `reference`: the authors' `Compose` over PIL per image (`load_rgb`, RandomResizedCrop,
-  flip, ToTensor, Normalize), then stacking the batch;
+- `reference`: that transform's `Compose` over PIL per image (decode, RandomResizedCrop, flip,
+  [ColorJitter, RandomGrayscale,] ToTensor, Normalize), then stacking the batch: what the
+  authors' (and DomainBed's) loaders do;
 - `torchvision-v2`: the strongest PyTorch alternative on equal terms: torchvision's JPEG decode
-  to a uint8 tensor, then `transforms.v2` on the tensor (RandomResizedCrop with antialias, flip,
-  ToDtype, Normalize), stacked; the same crop distribution, its own draws;
-- `ours-worker`: what a data worker of ours does for the batch (decode, draw the parameters,
-  collate into one uint8 tensor); the pixel work is left to the training device;
-- `ours-end-to-end`: the worker's batch plus that device work (crop, resize, flip, normalise)
-  run on this benchmark's device. On a CPU the device work competes for the same core, so
-  this row is slower there than on a GPU, and it is reported as such.
+  to a uint8 tensor, then `transforms.v2` on the tensor (the same ops, antialiased resize), per
+  image, stacked; its own draws;
+- `ours-host`: everything our host does for the batch: read, decode, draw, crop and resize,
+  collate into one uint8 batch (and pin it on CUDA);
+- `ours-in-all`: `ours-host` plus the per-pixel work on this benchmark's device (flip, jitter,
+  normalisation). On a CPU that is the whole price of a CPU-only run; on a GPU the device part
+  runs beside the model.
 
-`images` in each row lets the report give images/s.
+`images` in each row lets the report give images/s; on one thread the wall time is the CPU time.
 """
 import pytest
 import torch
-from PIL import Image
 
 from alignclip.data import ImageItems, collate, preprocessing, reference_train
+from alignclip.data.decode import load_rgb
 from alignclip.data.device_transforms import DeviceTransform
-from alignclip.data.samples import Sample, load_rgb
+from alignclip.data.samples import Sample
+from alignclip.data.synthetic import photo_like
 from conftest import CUDA, DEVICE, measure, sync
 
 SIZE = 224
 BATCH = 32 if CUDA else 12
-SHAPES = {"227x227 (PACS)": (227, 227), "500x375 (DomainNet)": (500, 375)}
-PROVIDERS = ["reference", "torchvision-v2", "ours-worker", "ours-end-to-end"]
-
-
-def _photo_like(width, height, seed):
-    """Smooth colour fields with fine noise: compresses like a photograph, not like flat noise."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(1, 3, 6, 8, generator=gen)
-    field = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
-    pixels = (field[0] + 0.08 * torch.randn(3, height, width, generator=gen)).clamp(0, 1)
-    return Image.fromarray((pixels * 255).byte().permute(1, 2, 0).numpy())
+SHAPES = {"227x227": (227, 227), "500x375": (500, 375)}
+KINDS = ["alignclip", "domainbed"]
+PROVIDERS = ["reference", "torchvision-v2", "ours-host", "ours-in-all"]
 
 
 @pytest.fixture(scope="module")
@@ -46,67 +42,73 @@ def folders(tmp_path_factory):
         paths = []
         for i in range(BATCH):
             path = root / f"{i:03d}.jpg"
-            _photo_like(width, height, i).save(path, quality=90)
+            photo_like(width, height, i).save(path, quality=90)
             paths.append(str(path))
         out[name] = paths
     return out
 
 
-def _reference(paths):
-    compose = reference_train("alignclip", SIZE)
+def _reference(paths, kind):
+    compose = reference_train(kind, SIZE)
 
     def run():
         return torch.stack([compose(load_rgb(p)) for p in paths])
     return run
 
 
-def _torchvision_v2(paths):
+def _torchvision_v2(paths, kind):
     from torchvision.io import ImageReadMode, decode_jpeg, read_file
     from torchvision.transforms import v2
 
-    spec = preprocessing("alignclip")
-    compose = v2.Compose([v2.RandomResizedCrop(SIZE, scale=(0.7, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                          v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
+    spec = preprocessing(kind)
+    ops = [v2.RandomResizedCrop(SIZE, scale=(0.7, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    if spec.jitter:
+        ops += [v2.ColorJitter(spec.jitter, spec.jitter, spec.jitter, spec.jitter), v2.RandomGrayscale(spec.grayscale)]
+    compose = v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)])
 
     def run():
         return torch.stack([compose(decode_jpeg(read_file(p), mode=ImageReadMode.RGB)) for p in paths])
     return run
 
 
-def _worker(paths):
-    items = ImageItems([Sample(p, 0) for p in paths], "alignclip", SIZE)
+def _host(paths, kind):
+    items = ImageItems([Sample(p, 0) for p in paths], kind, SIZE)
 
     def run():
-        return collate([items[(i, 1000 + i)] for i in range(len(paths))])
+        images, params, labels, _ = collate([items[(i, 1000 + i)] for i in range(len(paths))])
+        if CUDA:
+            return images.pin_memory(), params.pin_memory(), labels.pin_memory()
+        return images, params, labels
     return run
 
 
-def _end_to_end(paths):
-    worker = _worker(paths)
-    transform = DeviceTransform(preprocessing("alignclip"), SIZE, DEVICE)
+def _in_all(paths, kind):
+    host = _host(paths, kind)
+    transform = DeviceTransform(preprocessing(kind), DEVICE)
 
     def run():
-        images, params, _ = worker()
+        images, params, _ = host()
         out = transform(images.to(DEVICE, non_blocking=True), params.to(DEVICE, non_blocking=True))
         sync()
         return out
     return run
 
 
-BUILDERS = {"reference": _reference, "torchvision-v2": _torchvision_v2, "ours-worker": _worker,
-            "ours-end-to-end": _end_to_end}
+BUILDERS = {"reference": _reference, "torchvision-v2": _torchvision_v2, "ours-host": _host, "ours-in-all": _in_all}
 BACKENDS = {"reference": "PIL + torchvision.transforms", "torchvision-v2": "torchvision.io + transforms.v2",
-            "ours-worker": "torchvision.io (PIL for non-JPEG)", "ours-end-to-end": f"worker + {DEVICE.type}"}
+            "ours-host": "torchvision.io (PIL draft for large JPEGs, PIL for non-JPEG) + uint8 antialiased resize",
+            "ours-in-all": f"host + pixel_transform on {DEVICE.type}"}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_pipeline(benchmark, folders, provider, shape):
+def test_pipeline(benchmark, folders, provider, kind, shape):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)       # a data worker's core; the device row on a GPU is not bound by it
     try:
-        measure(benchmark, BUILDERS[provider](folders[shape]), group=f"input-pipeline {shape} B={BATCH}",
-                provider=provider, images=BATCH, rounds=None if CUDA else 15)
+        measure(benchmark, BUILDERS[provider](folders[shape], kind), group=f"input-pipeline {kind} {shape} B={BATCH}",
+                provider=provider, images=BATCH, rounds=None if CUDA else 7)
     finally:
         torch.set_num_threads(threads)
     benchmark.extra_info["backend"] = BACKENDS[provider]

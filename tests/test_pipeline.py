@@ -1,6 +1,7 @@
-"""The input pipeline: the authors' preprocessing by default, its tensors equal to the authors'
-`Compose` for the same random draws, PIL-equal resampling on the device, torchvision's
-ColorJitter per image, one loader over all domains, evaluation that decodes each image once,
+"""The input pipeline: the authors' preprocessing by default, its tensors equivalent to the
+authors' `Compose` for the same random draws (PSNR, and at most a couple of levels), DCT-scaled
+decoding of large JPEGs, DomainBed's stock jitter equivalent to its PIL ColorJitter, one loader
+over all domains, evaluation that decodes each image once, unreadable files named in words,
 activation checkpointing, and (on a GPU) a training loop with no host sync."""
 import math
 import subprocess
@@ -8,112 +9,115 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 from alignclip.data import StepBatches, collate, preprocessing, reference_eval, reference_train
-from alignclip.data.device_transforms import DeviceTransform, color_jitter, resample
+from alignclip.data.decode import dct_scale, read_image
+from alignclip.data.device_transforms import DeviceTransform
 from alignclip.data.pipeline import ImageItems, StepSampler
 from alignclip.data.samples import Sample
+from alignclip.data.synthetic import photo_like
 from tiny_run import tiny_config
 
 CPU = torch.device("cpu")
+SIZES = [(227, 227), (500, 375), (180, 260), (1000, 750)]
 
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
-    """Generated JPEGs at PACS's 227x227 and DomainNet's 500x375 (smooth noise, quality 90)."""
+    """Generated photo-like JPEGs (quality 90) at PACS's 227x227, DomainNet's 500x375, a portrait
+    size and a large one whose crops decode with DCT scaling."""
     root = tmp_path_factory.mktemp("jpegs")
-    rng = np.random.default_rng(0)
     files = {}
-    for w, h in ((227, 227), (500, 375), (180, 260)):
+    for w, h in SIZES:
         files[(w, h)] = []
         for i in range(4):
-            base = Image.fromarray(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8))
-            noisy = np.asarray(base.resize((w, h), Image.BICUBIC)).astype(np.int16) + rng.integers(-20, 20, (h, w, 3))
             path = root / f"{w}x{h}-{i}.jpg"
-            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+            photo_like(w, h, 10 * w + i).save(path, quality=90)
             files[(w, h)].append(str(path))
     return files
 
 
 def _ours(files, kind, seeds=None):
     items = ImageItems([Sample(f, 0) for f in files], kind, 224)
-    batch = collate([items[(i, s) if seeds else i] for i, s in enumerate(seeds or [None] * len(files))])
-    return DeviceTransform(preprocessing(kind), 224, CPU)(batch[0], batch[1]), batch[1]
+    images, params, _, _ = collate([items[(i, s) if seeds else i] for i, s in enumerate(seeds or [None] * len(files))])
+    return DeviceTransform(preprocessing(kind), CPU)(images, params), params
 
 
 def _levels(x, kind):
     spec = preprocessing(kind)
-    return x * torch.tensor(spec.std).view(3, 1, 1) + torch.tensor(spec.mean).view(3, 1, 1)
+    return (x * torch.tensor(spec.std).view(3, 1, 1) + torch.tensor(spec.mean).view(3, 1, 1)) * 255
 
 
 def psnr(a, b):
-    mse = float(((a - b) * 255).pow(2).mean())
+    mse = float((a - b).pow(2).mean())
     return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
 
 
-@pytest.mark.parametrize("size", [(227, 227), (500, 375), (180, 260)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_the_authors_transform_equals_their_compose_for_the_same_draws(jpegs, size):
-    files, seeds = jpegs[size], [11, 12, 13, 14]
-    ours, _ = _ours(files, "alignclip", seeds)
-    theirs = []
+def _theirs(files, seeds, kind, train=True):
+    out = []
     for f, s in zip(files, seeds):
         torch.manual_seed(s)
-        theirs.append(reference_train("alignclip", 224)(Image.open(f).convert("RGB")))
-    assert torch.equal(ours, torch.stack(theirs))
-    ours, _ = _ours(files, "alignclip")
-    assert torch.equal(ours, torch.stack([reference_eval("alignclip", 224)(Image.open(f).convert("RGB")) for f in files]))
+        compose = reference_train(kind, 224) if train else reference_eval(kind, 224)
+        out.append(compose(Image.open(f).convert("RGB")))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_authors_transform_is_their_compose_within_a_level_or_two(jpegs, size):
+    """Same draws, same crop boxes; the resize is torchvision's antialiased uint8 bilinear (or,
+    for large JPEGs, DCT scaling then PIL's resize): PSNR >= 40 dB is the contract."""
+    files, seeds = jpegs[size], [11, 12, 13, 14]
+    for train in (True, False):
+        ours, params = _ours(files, "alignclip", seeds if train else None)
+        theirs = _theirs(files, seeds, "alignclip", train)
+        a, b = _levels(ours, "alignclip"), _levels(theirs, "alignclip")
+        assert psnr(a, b) >= 40 and (a - b).abs().max() <= 2.5 + 16 * (size == (1000, 750)), (train, psnr(a, b))
+        if size != (1000, 750):
+            assert psnr(a, b) >= 50, (train, psnr(a, b))
+
+
+def test_large_jpeg_crops_decode_with_dct_scaling(jpegs):
+    image = read_image(jpegs[(1000, 750)][0])
+    assert image.jpeg == (750, 1000, 3)
+    assert dct_scale(image, 700, 900, 224, 224) == 2 and dct_scale(image, 460, 500, 224, 224) == 2
+    assert dct_scale(image, 900, 900, 224, 224) == 4 and dct_scale(image, 440, 900, 224, 224) == 1
+    assert dct_scale(read_image(jpegs[(227, 227)][0]), 227, 227, 100, 100) == 2
 
 
 def test_the_stock_domainbed_transform_draws_theirs_and_is_equivalent_to_pil(jpegs):
     files, seeds = jpegs[(227, 227)], [3, 4, 5, 6]
     ours, params = _ours(files, "domainbed", seeds)
-    theirs = []
-    for f, s in zip(files, seeds):
-        torch.manual_seed(s)
-        theirs.append(reference_train("domainbed", 224)(Image.open(f).convert("RGB")))
+    theirs = _theirs(files, seeds, "domainbed")
     # PIL's ColorJitter rounds to uint8 after every op; ours is torchvision's tensor jitter.
-    assert psnr(_levels(ours, "domainbed"), _levels(torch.stack(theirs), "domainbed")) >= 40
+    assert psnr(_levels(ours, "domainbed"), _levels(theirs, "domainbed")) >= 40
     eval_ours, _ = _ours(files, "domainbed")
-    assert torch.equal(eval_ours, torch.stack([reference_eval("domainbed", 224)(Image.open(f).convert("RGB"))
-                                               for f in files]))
+    eval_theirs = _theirs(files, [0] * 4, "domainbed", train=False)
+    assert psnr(_levels(eval_ours, "domainbed"), _levels(eval_theirs, "domainbed")) >= 50
 
 
-def test_device_jitter_is_torchvisions_tensor_jitter_per_image(jpegs):
-    files = jpegs[(227, 227)]
-    items = ImageItems([Sample(f, 0) for f in files], "domainbed", 224)
-    images, params, _ = collate([items[(i, 100 + i)] for i in range(len(files))])
-    base = resample(images, params, 224) / 255
-    got = color_jitter(base.clone(), params)
-    for k in range(len(files)):
-        img = base[k]
-        b, c, s, h = params[k, 9:13].tolist()
-        ops = [lambda x, b=b: TF.adjust_brightness(x, b), lambda x, c=c: TF.adjust_contrast(x, c),
-               lambda x, s=s: TF.adjust_saturation(x, s), lambda x, h=h: TF.adjust_hue(x, h)]
-        for op in params[k, 13:17].int().tolist():
-            img = ops[op](img)
-        torch.testing.assert_close(got[k], img, rtol=0, atol=1e-6)
+def test_unreadable_files_are_named_in_words(tmp_path, jpegs, capsys):
+    from alignclip.data.decode import CorruptImageError
+    from alignclip.data.pipeline import DeviceBatches, eval_loader
 
-
-def test_device_resampling_equals_pil_for_random_crop_boxes():
-    rng = np.random.default_rng(1)
-    array = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    img = Image.fromarray(array)
-    worst, exact = math.inf, 0
-    for _ in range(40):
-        h, w = int(rng.integers(40, 300)), int(rng.integers(40, 400))
-        top, left = int(rng.integers(0, 300 - h + 1)), int(rng.integers(0, 400 - w + 1))
-        ref = torch.from_numpy(np.array(img.crop((left, top, left + w, top + h)).resize((224, 224), Image.BILINEAR)))
-        params = torch.tensor([[top, left, h, w, 224, 224, 0, 0, 0, 1, 1, 1, 0, -1, -1, -1, -1, 0]], dtype=torch.float32)
-        ours = resample(torch.from_numpy(array).permute(2, 0, 1)[None], params, 224)[0].permute(1, 2, 0)
-        assert (ours - ref.float()).abs().max() <= 1
-        worst = min(worst, psnr(ours / 255, ref.float() / 255))
-        exact += bool(torch.equal(ours, ref.float()))
-    assert worst >= 40 and exact >= 30, (worst, exact)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image at all")
+    good = open(jpegs[(227, 227)][0], "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(good[:len(good) // 2])
+    reasons = {"empty.jpg": "empty file", "text.jpg": "not an image", "cut.jpg": "truncated"}
+    for name, reason in reasons.items():
+        with pytest.raises(CorruptImageError, match=f"unreadable image .*{name}: {reason}"):
+            ImageItems([Sample(str(tmp_path / name), 0)], "alignclip", 224)[0]
+    samples = [Sample(str(tmp_path / n), 0) for n in reasons] + [Sample(jpegs[(227, 227)][0], 0)]
+    loader = eval_loader(samples, "alignclip", 224, batch_size=4, workers=0, device=CPU, skip_corrupt=True)
+    for _ in range(2):      # a second evaluation says nothing more
+        assert [len(y) for _, y in DeviceBatches(loader, "alignclip", 224, CPU)] == [4]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3, lines
+    for line, (name, reason) in zip(lines, reasons.items()):
+        assert line.startswith("skipped ") and name in line and reason in line and "Warning" not in line, line
 
 
 def test_one_loader_batch_is_every_domains_step_batch_in_order():
@@ -168,18 +172,18 @@ def test_final_evaluation_decodes_each_image_once_and_repeats_no_pass(tmp_path, 
     from alignclip.train import train
 
     loads = collections.Counter()
-    real = pipeline.load_pixels
+    real = pipeline.read_image
 
     def counted(path):
         loads[path] += 1
         return real(path)
 
-    monkeypatch.setattr(pipeline, "load_pixels", counted)
+    monkeypatch.setattr(pipeline, "read_image", counted)
     cfg = tiny_config(tmp_path / "data", tmp_path / "out", "train.attention_images=0")
     summary = train(cfg)
     from alignclip.data import build_task
+    from alignclip.data.root import data_config
     from alignclip.distributed import Dist
-    from alignclip.train import data_config
 
     task = build_task(data_config(cfg, Dist()), cfg.task, cfg.seed)
     epochs = cfg.train.epochs

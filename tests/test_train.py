@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -227,7 +228,7 @@ def test_non_finite_loss_says_whether_a_checkpoint_is_kept(tmp_path, torch_path,
     assert _ckpt(tmp_path / "b" / "checkpoints" / "last.pt")["step"] == 2
 
 
-def test_corrupt_image_in_a_dataloader_worker_is_named_in_one_line(tmp_path, torch_path):
+def test_corrupt_image_in_a_dataloader_worker_is_named_in_one_line(tmp_path, torch_path, capsys):
     train(tiny_config(tmp_path / "data", tmp_path / "warmup", "train.attention_images=0"), max_steps=0)
     base = tmp_path / "data" / "Synthetic"
     domain = sorted(d for d in base.iterdir() if d.is_dir())[0]
@@ -238,12 +239,18 @@ def test_corrupt_image_in_a_dataloader_worker_is_named_in_one_line(tmp_path, tor
     with pytest.raises(RunError) as err:
         train(cfg)
     message = str(err.value)
-    assert message.startswith("corrupt image: ") and "\n" not in message, message
-    assert str(victims[0].parent) in message and "{path}" not in message
+    assert message.startswith("unreadable image ") and "\n" not in message, message
+    assert str(victims[0].parent) in message and ": not an image" in message
     assert "data.skip_corrupt=true" in message
-    skip = tiny_config(tmp_path / "data", tmp_path / "skipped", "data.skip_corrupt=true", "train.attention_images=0")
-    with pytest.warns(UserWarning, match="skipping corrupt image"):
-        assert train(skip)["steps"] == 6
+    capsys.readouterr()
+    # the failed run made no step: the corrected command runs in the same folder, no --overwrite
+    fixed = tiny_config(tmp_path / "data", tmp_path / "broken", "data.skip_corrupt=true", "train.attention_images=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # a skipped image is a line, not a Python warning
+        assert train(fixed)["steps"] == 6
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+    expected = {f"skipped {v}: not an image (no known image format)" for v in victims}
+    assert said and len(said) == len(set(said)) and set(said) <= expected, said   # once per file
 
 
 FAILURES = [  # (--set overrides, start of the one error line)
@@ -308,9 +315,9 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
 KILLER = r"""
 import os, signal, sys, torch
 from alignclip.checkpoint import save_atomic
-def dying_save(obj, f):
-    f.write(b"partial checkpoint bytes")
-    f.flush()
+def dying_save(obj, path):
+    with open(path, "wb") as f:
+        f.write(b"partial checkpoint bytes")
     os.kill(os.getpid(), signal.SIGKILL)
 torch.save = dying_save
 save_atomic({"step": 2}, sys.argv[1])

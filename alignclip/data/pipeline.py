@@ -1,42 +1,48 @@
-"""The input pipeline: data workers decode and draw, the training device does the pixel work.
+"""The input pipeline: data workers decode, crop and resize; the training device does the
+per-pixel work.
 
-A worker decodes each image to the pixels the authors' PIL loader gives (`load_pixels`),
-draws its crop, flip and jitter parameters from a generator seeded by the item
-(`preprocess.py`), and collates a step's images as they are, uint8, top-left in one
-zero-padded [B, 3, H, W] tensor in shared memory, with a [B, PARAMS] parameter tensor and the
-labels. The main thread only receives that one batch (pinned by the loader's pin thread), copies
-it to the device without blocking and queues `DeviceTransform` (crop, resize, flip, jitter,
-normalise). Measured on 2 CPU cores, decoding is what remains on the workers: PIL's resize and
-`ToTensor` were most of the authors' per-image cost (`python -m alignclip pipeline`).
+A worker reads each image's bytes, draws its crop, flip and jitter parameters from a generator
+seeded by the item (`preprocess.py`), decodes it as cheaply as the file allows and resizes the
+crop to the output size (`host_transforms.py`), and collates a step's images into one uint8
+[B, S, S, 3] tensor in shared memory, with a [B, PARAMS] parameter tensor and the labels. The
+main thread only receives that batch (pinned by the loader's pin thread on CUDA), copies it to
+the device without blocking and queues `DeviceTransform` (flip, jitter, normalisation: one or
+two kernel launches, nothing allocated beyond the output batch).
 
 Training uses one DataLoader for all source domains: `StepSampler` yields a step's items of
 every domain (each domain's stream is `StepBatches`: a pure function of seed, domain and step),
 so a resumed run sees the batches an unbroken run sees. Evaluation loaders are built once per
 split and keep their workers (`persistent_workers`).
+
+With `data.skip_corrupt`, an unreadable image is replaced by the next readable one of its
+split, and the main process says so in one line per file (the file and what is wrong with it),
+once per file however often it is read.
 """
 import collections
 import os
 import queue
+import sys
 import threading
 import time
-import warnings
 from typing import List
 
 import numpy as np
 import torch
 
+from .decode import CorruptImageError, image_size, read_image
 from .device_transforms import DeviceTransform
 from .domainbed import DataError
+from .host_transforms import resized_crop
 from .preprocess import PARAMS, eval_params, preprocessing, train_params
-from .samples import CorruptImageError, Sample, StepBatches, load_pixels
+from .samples import Sample, StepBatches
 
 
 class ImageItems(torch.utils.data.Dataset):
-    """Items are indices (evaluation) or (index, augmentation seed) pairs (training); each
-    gives (uint8 [3, H, W] pixels, parameter vector, label).
+    """Items are indices (evaluation) or (index, augmentation seed) pairs (training); each gives
+    (uint8 [3, S, S] pixels of the output size, parameter vector, label, skipped files).
 
-    With `skip_corrupt`, an unreadable image is replaced by the next readable one, with a
-    warning naming it; otherwise it raises `CorruptImageError` naming the file.
+    With `skip_corrupt`, an unreadable image is replaced by the next readable one and named in
+    `skipped` as (path, reason); otherwise it raises `CorruptImageError` naming the file.
     """
 
     def __init__(self, samples: List[Sample], kind, size, skip_corrupt=False):
@@ -48,42 +54,59 @@ class ImageItems(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def _load(self, index):
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            try:
-                return load_pixels(sample.path), sample.label
-            except CorruptImageError as exc:
-                if not self.skip_corrupt:
-                    raise
-                warnings.warn(f"skipping {str(exc).split('; set')[0]}", stacklevel=2)
-        raise CorruptImageError(f"corrupt image: every image of this split is unreadable "
-                                f"(first: {self.samples[0].path})")
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        pixels, label = self._load(index)
-        height, width = pixels.shape[1:]
+    def _one(self, sample, seed):
+        image = read_image(sample.path)
+        height, width = image_size(image)
         if seed is None:
             params = eval_params(self.spec, self.size, height, width)
         else:
             params = train_params(self.spec, self.size, height, width, torch.Generator().manual_seed(seed))
-        return pixels, params, label
+        top, left, box_h, box_w, out_h, out_w, win_t, win_l = (int(v) for v in params[:8].tolist())
+        pixels = resized_crop(image, (top, left, box_h, box_w), out_h, out_w, (win_t, win_l), self.size)
+        return pixels, params
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        skipped = []
+        for offset in range(len(self.samples)):
+            sample = self.samples[(index + offset) % len(self.samples)]
+            try:
+                pixels, params = self._one(sample, seed)
+                return pixels, params, sample.label, skipped
+            except CorruptImageError as exc:
+                if not self.skip_corrupt:
+                    raise
+                skipped.append((sample.path, getattr(exc, "reason", str(exc))))
+        raise CorruptImageError(f"every image of this split is unreadable (first: {self.samples[0].path})")
 
 
 def collate(items):
-    """(uint8 [B, 3, H, W] zero-padded, float32 [B, PARAMS], int64 [B]); in a worker the image
+    """(uint8 [B, S, S, 3], float32 [B, PARAMS], int64 [B], skipped files); in a worker the image
     tensor is allocated in shared memory, so the batch crosses to the main process uncopied."""
-    height = max(p.shape[1] for p, _, _ in items)
-    width = max(p.shape[2] for p, _, _ in items)
-    images = torch.zeros(len(items), 3, height, width, dtype=torch.uint8)
+    size = items[0][0].shape[-1] if items else 0
+    images = torch.empty(len(items), size, size, 3, dtype=torch.uint8)
     if torch.utils.data.get_worker_info() is not None:
         images.share_memory_()
-    for k, (pixels, _, _) in enumerate(items):
-        images[k, :, :pixels.shape[1], :pixels.shape[2]] = pixels
-    params = torch.stack([p for _, p, _ in items]) if items else torch.empty(0, PARAMS)
-    labels = torch.tensor([label for _, _, label in items], dtype=torch.int64)
-    return images, params, labels
+    for k, (pixels, _, _, _) in enumerate(items):
+        images[k].copy_(pixels.permute(1, 2, 0))
+    params = torch.stack([p for _, p, _, _ in items]) if items else torch.empty(0, PARAMS)
+    labels = torch.tensor([label for _, _, label, _ in items], dtype=torch.int64)
+    return images, params, labels, [s for _, _, _, skipped in items for s in skipped]
+
+
+_SAID = set()
+
+
+def say_skipped(skipped, say=None):
+    """One line per skipped file, the first time this process hears of it."""
+    for path, reason in skipped:
+        if path not in _SAID:
+            _SAID.add(path)
+            line = f"skipped {path}: {reason}"
+            if say is None:
+                print(line, file=sys.stderr, flush=True)
+            else:
+                say(line)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -174,11 +197,12 @@ def _received(loader, depth=3):
 
 class DeviceBatches:
     """Iterates a loader's batches as (normalised images, labels) on `device`; `wait` adds up
-    the seconds the main thread spent waiting for the workers."""
+    the seconds the main thread spent waiting for the workers; `say` takes the skipped-file
+    lines (default: standard error)."""
 
-    def __init__(self, loader, kind, size, device, num_classes=None):
-        self.loader, self.device, self.num_classes = loader, device, num_classes
-        self.transform = DeviceTransform(preprocessing(kind), size, device)
+    def __init__(self, loader, kind, size, device, num_classes=None, say=None):
+        self.loader, self.device, self.num_classes, self.say = loader, device, num_classes, say
+        self.transform = DeviceTransform(preprocessing(kind), device)
         self.wait = 0.0
 
     def moved(self):
@@ -188,10 +212,11 @@ class DeviceBatches:
         while True:
             started = time.perf_counter()
             try:
-                images, params, labels = next(batches)
+                images, params, labels, skipped = next(batches)
             except StopIteration:
                 return
             self.wait += time.perf_counter() - started
+            say_skipped(skipped, self.say)
             if self.num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise DataError(f"a training label lies outside [0, {self.num_classes})")
             yield (images.to(self.device, non_blocking=True), params.to(self.device, non_blocking=True),
@@ -205,5 +230,6 @@ class DeviceBatches:
 def load_images(samples, kind, size, device, skip_corrupt=False):
     """A few evaluation images as one normalised batch on `device` (the attention figure)."""
     items = ImageItems(samples, kind, size, skip_corrupt)
-    images, params, _ = collate([items[i] for i in range(len(items))])
-    return DeviceTransform(preprocessing(kind), size, device)(images.to(device), params.to(device))
+    images, params, _, skipped = collate([items[i] for i in range(len(items))])
+    say_skipped(skipped)
+    return DeviceTransform(preprocessing(kind), device)(images.to(device), params.to(device))

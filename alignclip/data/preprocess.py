@@ -80,6 +80,9 @@ def reference_eval(kind, size):
     return T.Compose(resize + [T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
+LOG_RATIO = tuple(torch.log(torch.tensor(CROP_RATIO)).tolist())   # float32 values, as get_params has them
+
+
 def _uniform(gen, low, high):
     return torch.empty(1).uniform_(low, high, generator=gen)
 
@@ -87,15 +90,15 @@ def _uniform(gen, low, high):
 def crop_box(gen, height, width):
     """RandomResizedCrop.get_params's draws and arithmetic, from `gen`: (top, left, h, w)."""
     area = height * width
-    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    draw = torch.empty(1)
     for _ in range(10):
-        target_area = area * _uniform(gen, *CROP_SCALE).item()
-        aspect = torch.exp(_uniform(gen, log_ratio[0].item(), log_ratio[1].item())).item()
+        target_area = area * draw.uniform_(*CROP_SCALE, generator=gen).item()
+        aspect = draw.uniform_(*LOG_RATIO, generator=gen).exp_().item()
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = torch.randint(0, height - h + 1, size=(1,), generator=gen).item()
-            left = torch.randint(0, width - w + 1, size=(1,), generator=gen).item()
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=gen))
             return top, left, h, w
     ratio = width / height   # ten misses: the central crop at the nearest allowed ratio
     if ratio < min(CROP_RATIO):
@@ -114,7 +117,7 @@ def train_params(spec, size, height, width, gen):
     factors, order, gray = IDENTITY_JITTER, NO_JITTER, 0.0
     if spec.jitter:
         j = spec.jitter
-        order = tuple(float(i) for i in torch.randperm(4, generator=gen))
+        order = tuple(float(i) for i in torch.randperm(4, generator=gen).tolist())
         factors = tuple(_uniform(gen, *bounds).item()
                         for bounds in ((max(0.0, 1 - j), 1 + j),) * 3 + ((-j, j),))
         gray = float(torch.rand(1, generator=gen).item() < spec.grayscale)

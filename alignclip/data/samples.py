@@ -1,4 +1,4 @@
-"""Image samples, loading with clear errors and the step-indexed batch order.
+"""Image samples, image folders and the step-indexed batch order.
 
 The order of training batches is a pure function of (seed, domain, step): each domain's stream
 is a concatenation of seeded permutations, and step t takes items [t·bs, (t+1)·bs). Each item's
@@ -7,14 +7,10 @@ sees exactly the batches an unbroken run would, with no sampler state to save; a
 distributed run takes every world-th item of each batch.
 """
 import hashlib
-import io
 import os
 from typing import NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
 
 # torchvision's ImageFolder extensions, compared case-insensitively as it does
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -25,52 +21,10 @@ class Sample(NamedTuple):
     label: int
 
 
-class CorruptImageError(RuntimeError):
-    """One line naming the file that could not be read."""
-
-    @staticmethod
-    def one_line(exc):
-        """The original one-line message, also when a DataLoader worker re-raised the error (its
-        message is then the worker's whole traceback, whose last line is the original)."""
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        last = lines[-1] if lines else ""
-        marker = "CorruptImageError: "
-        return last.split(marker, 1)[1] if marker in last else last
-
-
 def seed_hash(*parts):
     """A 31-bit seed from any parts, stable across runs and processes (unlike hash())."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def _corrupt(path, exc):
-    return CorruptImageError(f"corrupt image: {path} ({type(exc).__name__}: {exc}); set "
-                             "data.skip_corrupt=true to skip unreadable images")
-
-
-def load_rgb(path):
-    """The image as the authors' loader gives it: PIL, `convert("RGB")`."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise _corrupt(path, exc) from None
-
-
-def load_pixels(path):
-    """uint8 [3, H, W] equal to `load_rgb(path)`'s pixels. RGB and grayscale JPEGs (PIL reads
-    only their header) are decoded by torchvision's libjpeg-turbo decoder, which gives PIL's
-    pixels (`tests/test_pipeline.py`) 1.2-1.8x faster on one core; every other file by PIL."""
-    try:
-        with open(path, "rb") as f:
-            raw = bytearray(f.read())
-        with Image.open(io.BytesIO(raw)) as img:
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
-                return decode_jpeg(torch.frombuffer(raw, dtype=torch.uint8), mode=ImageReadMode.RGB)
-            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError, RuntimeError) as exc:
-        raise _corrupt(path, exc) from None
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -78,3 +78,16 @@ def write_synthetic(root, *, domains=4, classes=4, per_class=40, size=32, seed=0
                 img.save(os.path.join(folder, f"{i:03d}.png"))
     open(marker, "w").close()
     return out
+
+
+def photo_like(width, height, seed):
+    """A smooth random colour field with fine noise (a PIL image): at JPEG quality 90 it
+    compresses, and so decodes, like a photograph, unlike flat noise. The input-pipeline
+    measurements time these (`benchmarks/fake_domainbed.py`)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, 6, 8, generator=gen)
+    field = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    pixels = (field[0] + 0.08 * torch.randn(3, height, width, generator=gen)).clamp(0, 1)
+    return Image.fromarray((pixels * 255).byte().permute(1, 2, 0).numpy())

@@ -1,0 +1,21 @@
+"""Where a run's data lives: `data.root`, or for the synthetic demo set a folder under the run's
+output folder, written there (by the main process) on first use."""
+import dataclasses
+import os
+
+from .synthetic import write_synthetic
+
+
+def data_config(cfg, ddp):
+    """cfg.data with its root resolved; the synthetic demo set is written under the run folder
+    on first use."""
+    data = cfg.data
+    if data.dataset != "Synthetic":
+        return data
+    root = data.root or os.path.join(cfg.output_dir, "data")
+    if ddp.main:
+        s = data.synthetic
+        write_synthetic(root, domains=s.domains, classes=s.classes, per_class=s.per_class,
+                        size=s.image_size, seed=cfg.seed)
+    ddp.barrier()
+    return dataclasses.replace(data, root=root)
