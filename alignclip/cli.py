@@ -5,6 +5,7 @@ SIGINT saves a checkpoint, says how to resume and exits with 128 + the signal nu
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -93,13 +94,13 @@ def _run(args, argv):
     from .run import Stopped, resume_command
 
     if args.command == "config":
-        from .config import resolved_transforms
+        from .config import COOP_TASKS, resolved_transforms
 
         cfg = load_config(args.config, args.set)
         print(cfg.to_yaml(), end="")
         if cfg.data.transforms == "auto":
             print(f"# data.transforms auto resolves to {resolved_transforms(cfg)} (the authors' "
-                  f"preprocessing for {'CoOp' if cfg.task == 'open_class' else 'DomainBed'} data)")
+                  f"preprocessing for {'CoOp' if cfg.task in COOP_TASKS else 'DomainBed'} data)")
         return 0
     if args.command == "pipeline":
         from .throughput import measure, report
@@ -198,6 +199,9 @@ def _sweep(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    if not logging.getLogger().handlers:   # the kernels' one-line notes (which attention path a shape took)
+        logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("alignclip_kernels").setLevel(logging.INFO)
     try:
         return _run(args, argv)
     except (ConfigError, DataError, RunError, TowerError) as exc:

@@ -19,7 +19,8 @@ import yaml
 
 from alignclip_kernels.paper import ALIGN_WEIGHT, LABEL_EPSILON, MARGIN_ALPHA, SMOOTHING, TEMPERATURE
 
-TASKS = ("domain_shift", "open_class", "in_the_wild")
+TASKS = ("domain_shift", "open_class", "in_the_wild", "imagenet_shift")
+COOP_TASKS = ("open_class", "imagenet_shift")   # CoOp's data sets
 TRANSFORMS = ("auto", "alignclip", "domainbed", "coop")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOGGERS = ("none", "tensorboard", "wandb")
@@ -102,7 +103,7 @@ class LossConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "domain_shift"            # domain_shift | open_class | in_the_wild
+    task: str = "domain_shift"            # domain_shift | open_class | in_the_wild | imagenet_shift
     seed: int = 0
     output_dir: str = "runs/alignclip"
     data: DataConfig = field(default_factory=DataConfig)
@@ -193,10 +194,11 @@ def _check_range(name, value, ok, expected):
 
 def resolved_transforms(cfg):
     """`data.transforms`, with auto resolved to the authors' choice for the task's data: their
-    preprocessing (alignclip) for DomainBed data, CoOp's (coop) for the open-class data sets."""
+    preprocessing (alignclip) for DomainBed data, CoOp's (coop) for CoOp's data sets (open
+    class, ImageNet)."""
     if cfg.data.transforms != "auto":
         return cfg.data.transforms
-    return "coop" if cfg.task == "open_class" else "alignclip"
+    return "coop" if cfg.task in COOP_TASKS else "alignclip"
 
 
 def validate(cfg):

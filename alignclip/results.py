@@ -20,14 +20,31 @@ SEED_COLUMNS = {"zero_shot": "zero-shot", "last": "last", "bma": "BMA", "best": 
 METHOD_NAMES = {"zero-shot": "zero-shot CLIP", "clipood": "CLIPood", "alignclip": "AlignCLIP"}
 
 
+SHIFTED = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
 def metric_names(task):
     return {"domain_shift": ["test"], "in_the_wild": ["test", "open"],
-            "open_class": ["test", "open", "harmonic"]}[task]
+            "open_class": ["test", "open", "harmonic"],
+            "imagenet_shift": ["imagenet", *SHIFTED, "ood"]}[task]
 
 
 def metric_labels(task):
     return {"test": "test" if task == "domain_shift" else "base", "open": "new" if task == "open_class" else "open",
-            "harmonic": "H"}
+            "harmonic": "H", "imagenet": "ImageNet", "imagenet_v2": "-V2", "imagenet_sketch": "-S",
+            "imagenet_a": "-A", "imagenet_r": "-R", "ood": "OOD avg"}
+
+
+def _derived(row):
+    """The harmonic mean of base and new (open class); the mean of the four shifted sets
+    (ImageNet, CLIPood's "OOD" column)."""
+    if "harmonic" in row:
+        b, n = row.get("test"), row.get("open")
+        row["harmonic"] = None if b is None or n is None else (2 * b * n / (b + n) if b + n > 0 else 0.0)
+    if "ood" in row:
+        values = [row.get(k) for k in SHIFTED]
+        row["ood"] = None if None in values else sum(values) / len(values)
+    return row
 
 
 def run_metrics(summary, task):
@@ -37,11 +54,7 @@ def run_metrics(summary, task):
         accs = summary.get(tower)
         if not accs:
             continue
-        row = {m: accs.get(m) for m in metric_names(task) if m != "harmonic"}
-        if task == "open_class" and row.get("test") is not None and row.get("open") is not None:
-            b, n = row["test"], row["open"]
-            row["harmonic"] = 2 * b * n / (b + n) if b + n > 0 else 0.0
-        out[tower] = row
+        out[tower] = _derived({m: accs.get(m) for m in metric_names(task)})
     return out
 
 

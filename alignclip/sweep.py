@@ -20,7 +20,7 @@ import os
 
 import yaml
 
-from .config import ConfigError, load_config, run_changing_differences
+from .config import COOP_TASKS, ConfigError, load_config, run_changing_differences
 from .data import DATASETS
 from .data.domainbed import load_domains
 from .data.root import data_config
@@ -31,8 +31,9 @@ from .visualize import save_results_figure
 
 
 def domain_names(cfg):
-    """The data set's domains in sorted order (the target indices' names); [] for open class."""
-    if cfg.task == "open_class":
+    """The data set's domains in sorted order (the target indices' names); [] for CoOp's data
+    sets (open class, ImageNet), which have no target domains."""
+    if cfg.task in COOP_TASKS:
         return []
     if cfg.data.dataset in DATASETS and DATASETS[cfg.data.dataset][1]:
         return list(DATASETS[cfg.data.dataset][1])
@@ -42,8 +43,8 @@ def domain_names(cfg):
 
 
 def targets_of(cfg, requested):
-    """Target indices to sweep: `all` (every domain) or the given ones; open class has none."""
-    if cfg.task == "open_class":
+    """Target indices to sweep: `all` (every domain) or the given ones; CoOp's data sets have none."""
+    if cfg.task in COOP_TASKS:
         return [None]
     if requested in (None, ["all"]):
         return list(range(len(domain_names(cfg))))

@@ -6,6 +6,7 @@ PyTorch path with the same semantics anywhere else; `backend(device)` says which
 from ._runtime import backend
 from .aal import aal_kl_loss, aal_loss
 from .attention import dual_attention, fused_alignclip_attention, split_qkv
+from .attention_choice import attention_choices
 from .pixels import pixel_transform
 from .similarity_align import similarity_align_loss
 from .sls_mms import class_distribution, sls_mms_loss
@@ -14,6 +15,7 @@ from .token_text_target import token_text_target
 __all__ = [
     "aal_kl_loss",
     "aal_loss",
+    "attention_choices",
     "backend",
     "class_distribution",
     "dual_attention",

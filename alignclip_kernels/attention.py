@@ -50,6 +50,7 @@ from ._runtime import (
     on_device,
     runs_triton,
 )
+from .attention_choice import choose
 from .kernel_utils import LaunchConfig, placeholder, refuse_double_backward
 
 if HAS_TRITON:
@@ -87,16 +88,16 @@ def _check_inputs(q, k, v, rows, scale):
             raise ValueError(f"{name} must have the shape of q [B, H, N, D]={tuple(q.shape)}, "
                              f"got {tuple(x.shape)}")
     b, h, n, d = q.shape
-    if min(b, h, n) < 1:
-        raise ValueError(f"q must have B, H, N >= 1, got {tuple(q.shape)}")
-    problem = kernel_head_dim_problem(d) if runs_triton(q) else None
+    problem = kernel_head_dim_problem(d) if runs_triton(q) and q.numel() else None
     if problem:
         raise ValueError(f"q: {problem}")
     if isinstance(rows, bool) or not isinstance(rows, int):
         raise TypeError(f"rows must be an int in [0, N={n}], got {type(rows).__name__}")
     if not 0 <= rows <= n:
-        raise ValueError(f"rows must be in [0, N={n}], got {rows}")
-    return d ** -0.5 if scale is None else _checks.positive_finite("scale", scale)
+        raise ValueError(f"rows must be in [0, N={n}], got {rows}" + (" (no token, no probe row)" if n == 0 else ""))
+    if scale is None:
+        return d ** -0.5 if d else 1.0
+    return _checks.positive_finite("scale", scale)
 
 
 def merged_view(v):
@@ -171,10 +172,13 @@ def split_qkv(qkv):
 
 
 def _torch_dual_attention(q, k, v, rows, scale, return_dv):
-    """The PyTorch path: SDPA for the output, only the R probe rows' scores materialised, in
-    fp32 whatever autocast is active (the contract's dtype for row_attn)."""
+    """The PyTorch path (the SDPA composite): SDPA for the output, only the R probe rows' scores
+    materialised, in fp32 whatever autocast is active (the contract's dtype for row_attn). A
+    query row holding NaN or Inf gives a NaN output row, as the kernels' softmax does (CPU
+    SDPA would return a finite row): q's row sums times zero are added, 0 for finite rows."""
     b, h, n, d = q.shape
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = out + q.sum(-1, keepdim=True).mul(0)
     out = out.transpose(1, 2).reshape(b, n, h * d)
     # reshape is a view when v's heads sit side by side (a packed projection), a copy otherwise
     dv = v.transpose(1, 2).reshape(b, n, h * d) if return_dv else None
@@ -232,8 +236,11 @@ def _static_configs(head_dim, dtype, device):
         return {"fwd": small, "bwd": small, "pre": pre, "dq": small}
     fwd, bwd = _tile_sets(block_d, dtype, major)
     wide = block_d > 64 or dtype == torch.float32
-    dq = LaunchConfig.of(num_warps=8 if block_d > 128 or (wide and dtype == torch.float32) else 4,
-                         num_stages=2, BLOCK_M=16 if wide else 64, BLOCK_N=32, BLOCK_D=block_d)
+    # 16-bit heads padded to 128 columns (D = 80, 88, 104) take 16-key steps: with 32, Triton
+    # 3.6's ptxas spills at D = 88 (benchmarks/compat_check.sh 3.6.0)
+    narrow_keys = block_d == 128 and dtype != torch.float32
+    dq = LaunchConfig.of(num_warps=8 if block_d > 128 or dtype == torch.float32 else 4, num_stages=2,
+                         BLOCK_M=16 if wide else 64, BLOCK_N=16 if narrow_keys else 32, BLOCK_D=block_d)
     return {"fwd": fwd[0], "bwd": bwd[0], "pre": pre, "dq": dq}
 
 
@@ -639,12 +646,14 @@ def _autotuned(name, kernel, candidates, key, reset_to_zero=None):
     return _TUNERS[cache_key]
 
 
-def _use_autotune(device, config):
-    return config is None and autotune_enabled() and cuda_arch(device) is not None \
+def _use_autotune(device, config, exact_order):
+    """Tiles timed on first use, or (the deterministic mode, whose bits must not depend on which
+    candidate a machine's timing picked) the static ones."""
+    return config is None and not exact_order and autotune_enabled() and cuda_arch(device) is not None \
         and device.type == "cuda"
 
 
-def _attention_fwd(q, k, v, rows, scale, dv_out, config=None):
+def _attention_fwd(q, k, v, rows, scale, dv_out, config=None, exact_order=False):
     """(out [B, N, H·D], lse [B·H·N] fp32 base 2, row_attn [B, H, R, N] fp32 or None).
 
     Writes v with merged heads into `dv_out` when it is a tensor (a copy for the D-V branch)."""
@@ -671,7 +680,7 @@ def _attention_fwd(q, k, v, rows, scale, dv_out, config=None):
         HAS_ROWS=rows > 0, WRITE_DV=dv_out is not None, PRECISION=dot_precision(q),
     )
     with on_device(q):
-        if _use_autotune(dev, config):
+        if _use_autotune(dev, config, exact_order):
             candidates = autotune_candidates(d, q.dtype, dev)["fwd"]
             tuned = _autotuned("fwd", _attn_fwd_kernel, candidates, ["N_BUCKET", "D", "HAS_ROWS"])
             tuned[lambda meta: (_blocks_with_tails(n, meta["BLOCK_M"]) * b * h,)](**args)
@@ -744,7 +753,7 @@ def _attention_bwd_launches(d_out, d_dv, d_rows, q, k, v, out, lse, row_attn, ro
         H=h, N=n, R=rows, D=d, N_BUCKET=next_pow2(n), qk_scale=scale * LOG2E, sm_scale=scale,
         HAS_DROW=has_drow, HAS_DDV=has_ddv, PRECISION=dot_precision(q), DQ_ATOMIC=not exact_order,
     )
-    if _use_autotune(dev, config):
+    if _use_autotune(dev, config, exact_order):
         candidates = autotune_candidates(d, q.dtype, dev)["bwd"]
         tuned = _autotuned("bwd", _attn_bwd_main_kernel, candidates, ["N_BUCKET", "D", "HAS_DROW", "DQ_ATOMIC"],
                            reset_to_zero=None if exact_order else ["DQAcc"])
@@ -784,7 +793,8 @@ class _DualAttention(torch.autograd.Function):
         if write_dv:
             b, h, n, d = v.shape
             dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device)
-        out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv if write_dv else None)
+        out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv if write_dv else None,
+                                            exact_order=exact_order)
         return out, dv, row_attn, lse
 
     @staticmethod
@@ -814,7 +824,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, rows: int, scale: float,
                   return_dv: bool, exact_order: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     b, h, n, d = q.shape
     dv = torch.empty((b, n, h * d), dtype=v.dtype, device=v.device) if return_dv else None
-    out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv)
+    out, lse, row_attn = _attention_fwd(q, k, v, rows, scale, dv, exact_order=exact_order)
     empty = q.new_empty(0)
     return out, (dv if return_dv else empty), (row_attn if rows else empty.float()), lse
 
@@ -861,25 +871,34 @@ def _op_backward(ctx, d_out, d_dv, d_rows, _d_lse):
 _attention_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True, deterministic=None):
-    """Q-K-V attention, the D-V branch and the exact softmax rows of the first `rows` queries.
-
-    q, k, v: [B, H, N, D] with any strides (D a multiple of 8 up to 256 on the kernels, any D on
-    the PyTorch path). Returns `(out [B, N, H·D], dv [B, N, H·D] or None, row_attn [B, H, rows,
-    N] fp32 or None when rows == 0)`. `deterministic` (default: whether
-    `torch.use_deterministic_algorithms` is on) computes dQ without float atomics, in a pass of
-    its own: bitwise-repeatable gradients for 1.4x the backward's products.
-    """
-    scale = _check_inputs(q, k, v, rows, scale)
-    return_dv = bool(return_dv)
-    exact_order = deterministic_flag(deterministic)
-    if not runs_triton(q) or (q.dtype == torch.float32 and q.shape[-1] > FP32_MAX_HEAD_DIM):
+def run_path(path, q, k, v, rows, scale, return_dv, exact_order=False):
+    """(out, dv or None, row_attn or None) on one path ("triton" or "sdpa"), inputs checked."""
+    if path == "sdpa":
         return _torch_dual_attention(q, k, v, rows, scale, return_dv)
     if torch.compiler.is_compiling():
         out, dv, row_attn, _ = _attention_op(q, k, v, rows, scale, return_dv, exact_order)
     else:
         out, dv, row_attn, _ = _DualAttention.apply(q, k, v, rows, scale, return_dv, exact_order)
     return out, (dv if return_dv else None), (row_attn if rows else None)
+
+
+def dual_attention(q, k, v, *, rows=1, scale=None, return_dv=True, deterministic=None):
+    """Q-K-V attention, the D-V branch and the exact softmax rows of the first `rows` queries.
+
+    q, k, v: [B, H, N, D] with any strides (D a multiple of 8 up to 256 on the kernels, any D on
+    the PyTorch path; any dimension may be 0). Returns `(out [B, N, H·D], dv [B, N, H·D] or
+    None, row_attn [B, H, rows, N] fp32 or None when rows == 0)`. On CUDA the kernels or the
+    SDPA composite run, whichever is faster for the shape (`attention_choice.py`;
+    `ALIGNCLIP_ATTENTION` forces one). `deterministic` (default: whether
+    `torch.use_deterministic_algorithms` is on) computes dQ without float atomics, in a pass of
+    its own, with the static tiles: bitwise-repeatable gradients for 1.4x the backward's products.
+    """
+    scale = _check_inputs(q, k, v, rows, scale)
+    return_dv = bool(return_dv)
+    exact_order = deterministic_flag(deterministic)
+    if not runs_triton(q) or q.numel() == 0 or (q.dtype == torch.float32 and q.shape[-1] > FP32_MAX_HEAD_DIM):
+        return _torch_dual_attention(q, k, v, rows, scale, return_dv)
+    return run_path(choose(q, rows, exact_order), q, k, v, rows, scale, return_dv, exact_order)
 
 
 def fused_alignclip_attention(q, k, v, *, scale=None, return_dv=True, return_cls_attn=True,

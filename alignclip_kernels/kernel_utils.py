@@ -174,8 +174,12 @@ if HAS_TRITON:
         operations: nothing reads it before the launch ends, and a combining program orders
         through its ticket, see `last_to_arrive`), or, EXACT_ORDER (the deterministic mode), a
         plain read-add-write of a per-program partial slice that only the calling program
-        touches, in the program's own order."""
+        touches, in the program's own order. The barrier before it orders that read after the
+        program's previous write of the same slice: the two may be laid out over different
+        threads (the value's layout need not be the last store's), so without it a thread could
+        read a row another thread of the program has not yet written."""
         if EXACT_ORDER:
+            tl.debug_barrier()
             tl.store(Ptr, tl.load(Ptr, mask=mask, other=0.0) + value, mask=mask)
         else:
             tl.atomic_add(Ptr, value, mask=mask, sem="relaxed")

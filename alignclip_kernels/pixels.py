@@ -182,12 +182,13 @@ def _pixels_fwd(images, mean, std, flip, jitter):
     with on_device(images):
         if jitter is not None:
             _pixels_mean_kernel[grid](Img=images, Jitter=jitter_arg, Partial=partial, **strides, **jitter_strides,
-                                      H=h, W=w, N_BLOCKS=n_blocks, BLOCK=BLOCK, num_warps=4)
+                                      H=h, W=w, N_BLOCKS=n_blocks, BLOCK=BLOCK, num_warps=8)
         _pixels_kernel[grid](
             Img=images, Flip=flip if flip is not None else out, Jitter=jitter_arg, Partial=partial, Mean=mean,
             Std=std, Out=out, **strides, stride_f=flip.stride(0) if flip is not None else 0, **jitter_strides,
             stride_ob=out.stride(0), stride_oc=out.stride(1), H=h, W=w, N_BLOCKS=n_blocks, BLOCK=BLOCK,
-            BLOCKS_P2=next_pow2(n_blocks), FLIP=flip is not None, JITTER=jitter is not None, num_warps=4)
+            BLOCKS_P2=next_pow2(n_blocks), FLIP=flip is not None, JITTER=jitter is not None,
+            num_warps=8)   # 4 pixels a thread: at 8, sm_80's ptxas spills (ptxas report)
     return out
 
 
@@ -242,20 +243,21 @@ def _jitter_torch(x, factors, order, gray):
 
 
 def _torch_pixel_transform(images, mean, std, flip, jitter):
-    """The same transform in PyTorch: each image converted once (mirrored as it is read), its
-    jitter stages in place in its order, one image at a time (nothing beyond the output is
-    allocated but one image's temporaries), then Normalize's two passes."""
+    """The same transform in PyTorch, one image at a time while it sits in cache: converted
+    (mirrored as it is read), its jitter stages in place in its order, normalised. Nothing
+    beyond the output is allocated but one image's temporaries."""
     b, h, w, _ = images.shape
     out = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device)
     mirrored = (flip > 0.5).tolist() if flip is not None else [False] * b
+    params = jitter.tolist() if jitter is not None else [None] * b
+    mean, std = mean.view(3, 1, 1), std.view(3, 1, 1)
     for k in range(b):
-        source = images[k].permute(2, 0, 1)
-        out[k].copy_(source.flip(-1) if mirrored[k] else source)
-    out.div_(255)
-    if jitter is not None:
-        for k, params in enumerate(jitter.tolist()):
-            _jitter_torch(out[k], params[:4], [int(o) for o in params[4:8]], params[8] > 0.5)
-    return out.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
+        source, x = images[k].permute(2, 0, 1), out[k]
+        x.copy_(source.flip(-1) if mirrored[k] else source).div_(255)
+        if params[k] is not None:
+            _jitter_torch(x, params[k][:4], [int(o) for o in params[k][4:8]], params[k][8] > 0.5)
+        x.sub_(mean).div_(std)
+    return out
 
 
 def _check(images, mean, std, flip, jitter):

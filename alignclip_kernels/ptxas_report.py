@@ -1,7 +1,8 @@
 """Static GPU report without a GPU: `python -m alignclip_kernels.ptxas_report [--json FILE]`.
 
 For the paper's shapes (attention at ViT-B/32, B/16, L/14, H/14; the losses at B=108, P=196,
-E=512, K in {7, 65, 345}, L=5, H=12) and fp32/fp16/bf16, every op is run forward and backward
+E=512, K in {7, 65, 345}, L=5, H=12; the input pipeline's pixel transform of 108 images at
+224x224) and fp32/fp16/bf16, every op is run forward and backward
 on meta tensors with the dispatcher told to target sm_90 or sm_80, once with its static default
 configuration and once per autotune candidate (the attention kernels); each kernel launch it
 would make is recorded instead of run. Each distinct launch (kernel, constexprs, warps, stages and
@@ -49,7 +50,7 @@ DETERMINISTIC_CLASS_COUNTS = (7, 345)
 LOSS_SHAPE = dict(B=108, P=196, E=512, L=5, H=12)
 CLASS_COUNTS = (7, 65, 345)
 FLAGS = ("HAS_ROWS", "WRITE_DV", "HAS_DROW", "HAS_DDV", "TEXT_GRAD", "CD_GRAD", "TARGET_GRAD",
-         "FROM_TOKENS", "SPLIT", "DQ_ATOMIC", "EXACT_ORDER")
+         "FROM_TOKENS", "SPLIT", "DQ_ATOMIC", "EXACT_ORDER", "FLIP", "JITTER")
 
 
 @dataclass
@@ -130,6 +131,20 @@ def _loss_run(k, dtype, exact_order=False):
                      *PAPER_SLS, True, True, exact)
 
 
+def _pixel_run():
+    """The input pipeline's per-pixel transform of a training batch, with and without jitter."""
+    import torch
+
+    from . import pixels
+
+    b, size = LOSS_SHAPE["B"], 224
+    images = torch.empty(b, size, size, 3, dtype=torch.uint8, device="meta")
+    mean = torch.empty(3, device="meta")
+    flip = torch.empty(b, device="meta")
+    for jitter in (None, torch.empty(b, pixels.JITTER_COLUMNS, device="meta")):
+        pixels._pixels_fwd(images, mean, mean, flip, jitter)
+
+
 def _op_runs(dtype, arch):
     """(case name, callable running forward and backward on meta tensors, is the default)."""
     import torch
@@ -159,6 +174,7 @@ def _op_runs(dtype, arch):
         runs.append((f"losses K={k}", lambda k=k: _loss_run(k, dtype), True))
     for k in DETERMINISTIC_CLASS_COUNTS:
         runs.append((f"losses K={k} deterministic", lambda k=k: _loss_run(k, dtype, True), True))
+    runs.append(("pixel transform", _pixel_run, True))
     return runs
 
 
@@ -276,10 +292,29 @@ def _compile_row(job):
     return row
 
 
-def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progress=None, jobs=None):
+SAMPLE_KEY = ("attention ViT-B/16 autotune", "bfloat16", "sm_90a")   # the autotune key --sample compiles whole
+
+
+def _sampled(launches, arch):
+    """The --sample subset: each kernel's first default launch per dtype (the launch's pointer
+    types), and every launch of one autotune key's candidates."""
+    kept, seen = [], set()
+    for launch in launches:
+        dtype_label = launch.cases[0].rsplit(" ", 1)[1]
+        first = (launch.kernel, dtype_label)
+        candidate = arch == SAMPLE_KEY[2] and any(case.startswith(SAMPLE_KEY[0]) and case.endswith(SAMPLE_KEY[1])
+                                                  for case in launch.cases)
+        if candidate or (launch.default and first not in seen):
+            kept.append(launch)
+            seen.add(first)
+    return kept
+
+
+def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progress=None, jobs=None, sample=False):
     """Report rows, one per distinct kernel launch × arch (`default`: the static configuration
     picks it; otherwise it is an autotune candidate only), compiled by `jobs` processes (default:
-    one per core)."""
+    one per core). `sample`: every kernel once per dtype and arch, and one autotune key's
+    candidates (what the test suite compiles; the full report is committed)."""
     import concurrent.futures
     import multiprocessing
 
@@ -303,7 +338,8 @@ def collect(archs=tuple(ARCHS), dtypes=("float32", "float16", "bfloat16"), progr
                     label = f"{case} {dtype_name}"
                     if label not in launch.cases:
                         launch.cases.append(label)
-        compile_jobs += [_compile_job(launch, arch) for launch in launches.values()]
+        chosen = _sampled(launches.values(), arch) if sample else launches.values()
+        compile_jobs += [_compile_job(launch, arch) for launch in chosen]
     rows = []
     workers = jobs or os.cpu_count() or 1
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -343,13 +379,15 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], action="append",
                         help="default: all three")
     parser.add_argument("--jobs", type=int, default=None, help="compiling processes (default: one per core)")
+    parser.add_argument("--sample", action="store_true",
+                        help="every kernel once per dtype and arch, and one autotune key's candidates")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = dict(os.environ, TRITON_INTERPRET="0")
         return subprocess.call([sys.executable, "-m", "alignclip_kernels.ptxas_report", *sys.argv[1:]], env=env)
     print(f"{'kernel':<30} {'arch':<7} {'regs':>4} {'spill':>6} {'smem':>7} {'w/SM':>5} {'wgmma':>5}  config")
     rows = collect(tuple(args.arch or ARCHS), tuple(args.dtype or ("float32", "float16", "bfloat16")),
-                   progress=lambda row: print(_format_row(row), flush=True), jobs=args.jobs)
+                   progress=lambda row: print(_format_row(row), flush=True), jobs=args.jobs, sample=args.sample)
     ok = [r for r in rows if not r["error"]]
     print(f"\n{len(rows)} kernel configurations compiled "
           f"({sum(1 for r in rows if not r['default'])} of them autotune candidates only), "

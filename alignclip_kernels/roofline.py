@@ -62,6 +62,21 @@ def attention(b, h, n, d, itemsize, *, rows=1, write_dv=False, backward=False, d
     return Cost(5 * x + lse + extra + 3 * x, macs)
 
 
+def attention_composite(b, h, n, d, itemsize, *, rows=1, backward=False):
+    """The SDPA composite's necessary work (the strongest rival of equal output: SDPA for out,
+    the R probe rows as a separate product, dv a view), at least: SDPA's own compulsory
+    traffic, plus k read again by the rows' product forward and backward, and the rows'
+    gradients into dq and dk as separate tensors added into SDPA's (autograd's sum reads both,
+    writes one; dq's slice is first scattered into a full-size tensor). Products as ours."""
+    x = b * h * n * d * itemsize
+    own = attention(b, h, n, d, itemsize, rows=rows, backward=backward, d_rows=rows > 0)
+    if not rows:
+        return own
+    if not backward:
+        return Cost(own.bytes + x, own.macs)
+    return Cost(own.bytes + x + 3 * x + 4 * x, own.macs)
+
+
 def token_text_target(b, p, e, itemsize, *, k=None, backward=False, text_grad=False):
     """Forward: tokens, the labels' text rows (min(B, K) of them) in; G out. B·P·E MACs (û·t̂).
     Backward: tokens, text rows, G, dG in; d tokens (and d text) out. B·P·E MACs for d text only

@@ -47,7 +47,7 @@ def sync():
 
 
 def needs_cuda(provider):
-    if provider.startswith(("fused", "alignclip-fused", "clip-finetune-packed")) and not CUDA:
+    if provider.startswith(("fused", "alignclip-fused")) and not CUDA:
         pytest.skip(NO_TRITON)
 
 
@@ -74,10 +74,13 @@ def kernel_times(fn):
     return plain, graph
 
 
-def measure(benchmark, fn, *, group, provider, cost=None, rounds=None, **info):
-    """Time `fn` under `group`; `cost` is a roofline.Cost or None."""
+def measure(benchmark, fn, *, group, provider, cost=None, rounds=None, setup=None, device_timed=True, **info):
+    """Time `fn` under `group`; `cost` is a roofline.Cost or None; `setup` runs untimed before
+    each round; `device_timed=False` for host work (no kernel-only timing on CUDA)."""
     benchmark.group = group
     fn()                     # first call: compiles and, on CUDA, autotunes (not timed)
+    if setup is not None:
+        setup()
     peak = peak_bytes(fn)
 
     def run():
@@ -85,10 +88,10 @@ def measure(benchmark, fn, *, group, provider, cost=None, rounds=None, **info):
         sync()
 
     benchmark.pedantic(run, rounds=rounds or (25 if CUDA else 3), iterations=1,
-                       warmup_rounds=3 if CUDA else 1)
+                       warmup_rounds=3 if CUDA else 1, setup=setup)
     extra = {"provider": provider, "device": DEVICE_NAME, "backend": ak.backend(DEVICE),
              "peak_memory_bytes": peak, "torch": torch.__version__, **info}
-    if CUDA:
+    if CUDA and device_timed:
         plain, graph = kernel_times(fn)
         extra.update(kernel_ms=plain, graph_ms=graph)
     if cost is not None:

@@ -1,9 +1,12 @@
 """attention-fwd / attention-fwdbwd: every provider of providers.py on the same packed QKV, at
-ViT-B/16 (B=108) and ViT-L/14 (B=32) in bf16 on CUDA, at a reduced ViT-B/16 shape on the CPU."""
+ViT-B/16 (B=108) and ViT-L/14 (B=32) in bf16 on CUDA, at a reduced ViT-B/16 shape on the CPU.
+Rows record the SDPA backend PyTorch picked (`sdpa`, `sdpa-rows`) and the path the library's
+choice took for the shape (`fused`)."""
 import pytest
 import torch
 from providers import ATTENTION, attention_call, attention_inputs, packed_qkv, sdpa_backend_used
 
+import alignclip_kernels as ak
 from alignclip_kernels import roofline
 from conftest import CUDA, DEVICE, measure, needs_cuda
 
@@ -24,11 +27,13 @@ def _setup(provider, shape):
     try:
         with torch.no_grad():
             call(q, k, v)
-    except RuntimeError as exc:   # a pinned SDPA backend that cannot run here
+    except (RuntimeError, NotImplementedError) as exc:   # a pinned SDPA backend that cannot run here
         pytest.skip(f"{provider} unavailable on {DEVICE.type}: {str(exc).splitlines()[0][:120]}")
     info = {"shape": [b, h, n, d], "dtype": str(DTYPE).split(".")[-1]}
-    if provider == "sdpa":
+    if provider in ("sdpa", "sdpa-rows"):
         info["sdpa_backend"] = sdpa_backend_used(q, k, v)
+    if provider == "fused":
+        info["attention_choices"] = ak.attention_choices()
     itemsize = torch.empty((), dtype=DTYPE).element_size()
     return qkv, (q, k, v), call, (b, h, n, d, itemsize), info
 
@@ -49,6 +54,8 @@ def test_attention_fwd(benchmark, provider, shape):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("provider", ATTENTION)
 def test_attention_fwdbwd(benchmark, provider, shape):
+    if provider == "flex-rows" and not CUDA:
+        pytest.skip("FlexAttention has no backward on the CPU")
     qkv, _, call, (b, h, n, d, isz), info = _setup(provider, shape)
 
     def fn():

@@ -1,6 +1,14 @@
-"""One group per loss op (target, aal, similarity-align, sls-mms) and bma: reference vs fused,
-forward + backward, at the paper's shapes (B=108, P=196, E=512, K in {7, 65, 345}, L=5, H=12) on
-CUDA, reduced on the CPU. The report puts the work counter's model time beside each."""
+"""One group per loss op (target, aal, similarity-align, sls-mms) and bma, forward + backward,
+at the paper's shapes (B=108, P=196, E=512, K in {7, 65, 345}, L=5, H=12) on CUDA, reduced on the
+CPU:
+- `reference`: the PyTorch oracle, eager;
+- `compiled`: the same oracle through `torch.compile` (its elementwise work fused into generated
+  kernels): the strongest rival of equal output, warmed up, its compile time recorded apart
+  (`compile_s`); on the CPU at the first class count only (each shape compiles again);
+- `fused`: ours.
+The report puts the work counter's model time beside each."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +23,27 @@ B, P, E, L, H = (108, 196, 512, 5, 12) if CUDA else (8, 196, 512, 5, 12)
 KS = [7, 65, 345] if CUDA else [7, 65]
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 ISZ = torch.empty((), dtype=DTYPE).element_size()
-OPS = {"reference": ref, "fused": ak}
+OPS = {"reference": ref, "compiled": None, "fused": ak}
+LOSS_OPS = ("token_text_target", "aal_loss", "similarity_align_loss", "sls_mms_loss")
+
+
+class Compiled:
+    """The reference loss ops, each through torch.compile (one compiled function per op)."""
+
+    def __init__(self):
+        for name in LOSS_OPS:
+            setattr(self, name, torch.compile(getattr(ref, name)))
+
+
+_COMPILED = []
+
+
+def ops_of(provider):
+    if provider != "compiled":
+        return OPS[provider]
+    if not _COMPILED:
+        _COMPILED.append(Compiled())
+    return _COMPILED[0]
 
 
 def _inputs(k, seed=0):
@@ -70,9 +98,16 @@ CASES = {"target": _target_case, "aal": _aal_case, "similarity-align": _similari
 def test_loss(benchmark, provider, op, k):
     """Forward + backward of one loss op: a scalar out, gradients of its floating inputs."""
     needs_cuda(provider)
-    loss_fn, leaves, cost = CASES[op](OPS[provider], k)
+    if provider == "compiled" and not CUDA and k != KS[0]:
+        pytest.skip(f"on the CPU the compiled rival runs at K={KS[0]} only (each shape compiles again)")
+    loss_fn, leaves, cost = CASES[op](ops_of(provider), k)
+    info = {}
+    if provider == "compiled":
+        started = time.perf_counter()
+        torch.autograd.grad(loss_fn(), leaves)
+        info["compile_s"] = time.perf_counter() - started
     measure(benchmark, lambda: torch.autograd.grad(loss_fn(), leaves), group=f"{op} K={k}",
-            provider=provider, cost=cost, op=op, k=k)
+            provider=provider, cost=cost, op=op, k=k, **info)
 
 
 @pytest.mark.parametrize("provider", ["reference", "fused"])

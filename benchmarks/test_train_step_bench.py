@@ -1,15 +1,22 @@
 """train-step: one optimizer step (forward, loss, backward, AdamW, BMA) on a batch:
 - clip-finetune: stock open_clip tower, CLIPood's MMS loss, BMA;
-- clip-finetune-packed: the same CLIP step through our packed attention (no D-V path, no CLS
-  rows) and SLS+MMS: the fair CLIPood baseline for AlignCLIP's price;
-- alignclip-reference: the authors' path; alignclip-fused: ours.
-ViT-B/16 on 108 images in bf16 on CUDA, a small ViT on the CPU; peak memory each. Also
-dual-block-out-proj: the two out_proj arrangements of a dual block."""
+- clip-finetune-packed: the same CLIP step through the library (one path, no CLS rows) with
+  SLS+MMS: CLIPood as `sweep --baseline` runs it, the floor for AlignCLIP's price;
+- alignclip-reference: the authors' path (materialised softmax, eager losses);
+- alignclip-pytorch-path: our model and loss through the PyTorch paths (the SDPA composite
+  attention, the reference loss ops): the strongest rival of equal output;
+- alignclip-fused: ours (kernels; on CUDA the attention's per-shape choice).
+`-compiled` rows run the same step with `torch.compile` over model and loss (as
+`train.compile=true`), warmed up; the compile time is recorded apart (`compile_s`). ViT-B/16 on
+108 images in bf16 on CUDA, a small ViT on the CPU; peak memory each. Also dual-block-out-proj:
+the two out_proj arrangements of a dual block."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
-from providers import authors_attention, bma_loop, mms_loss
+from providers import authors_attention, bma_loop, composite_attention, mms_loss
 
 from alignclip import AlignCLIPLoss, AlignCLIPVisual, BetaMovingAverage
 from alignclip_kernels import reference as ref
@@ -22,18 +29,21 @@ else:
     TOWER = dict(image_size=64, patch_size=16, width=128, layers=6, heads=2, mlp_ratio=4.0, output_dim=64)
     BATCH, LABEL = 16, "ViT W128x6 B=16 (CPU)"
 K = 7
-# alignclip-pytorch-path: our model and loss through the ops' PyTorch path (CPU runs only)
-PROVIDERS = ["clip-finetune", "clip-finetune-packed", "alignclip-reference", "alignclip-fused"] + \
-    ([] if CUDA else ["alignclip-pytorch-path"])
+STEPS = ["clip-finetune", "clip-finetune-packed", "alignclip-reference", "alignclip-pytorch-path", "alignclip-fused"]
+COMPILED = ["clip-finetune-packed", "alignclip-pytorch-path", "alignclip-fused"]
+PROVIDERS = STEPS + [f"{p}-compiled" for p in COMPILED]
 
 
 def _step_fn(provider):
+    """(one optimizer step, the loss function it compiles or not)."""
+    compiled = provider.endswith("-compiled")
+    provider = provider.removesuffix("-compiled")
     torch.manual_seed(0)
     visual = VisionTransformer(**TOWER).to(DEVICE)
     text = F.normalize(torch.randn(K, TOWER["output_dim"], device=DEVICE), dim=-1)
     images = torch.randn(BATCH, 3, TOWER["image_size"], TOWER["image_size"], device=DEVICE)
     labels = torch.randint(0, K, (BATCH,), device=DEVICE)
-    opt = torch.optim.AdamW(visual.parameters(), lr=1e-6, weight_decay=0.1)
+    opt = torch.optim.AdamW(visual.parameters(), lr=1e-6, weight_decay=0.1, fused=CUDA)
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=CUDA)
     bma = BetaMovingAverage(visual, 10 ** 6)
     average = bma.update
@@ -57,15 +67,23 @@ def _step_fn(provider):
         def average():
             state["step"] += 1
             state["sum"] = bma_loop(averaged, params, state["step"], 10 ** 6, 0.5, state["sum"])
+    elif provider == "alignclip-pytorch-path":
+        model = AlignCLIPVisual(visual, dual_layers=6, attention=composite_attention)
+        criterion = AlignCLIPLoss(text, ops=ref)
+
+        def loss_fn():
+            return criterion(model(images), labels).total
     else:
         model, criterion = AlignCLIPVisual(visual, dual_layers=6), AlignCLIPLoss(text)
 
         def loss_fn():
             return criterion(model(images), labels).total
 
+    forward = torch.compile(loss_fn) if compiled else loss_fn
+
     def step():
         with torch.autocast(**amp):
-            loss = loss_fn()
+            loss = forward()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,8 +95,14 @@ def _step_fn(provider):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_train_step(benchmark, provider):
     needs_cuda(provider)
-    measure(benchmark, _step_fn(provider), group=f"train-step {LABEL}", provider=provider,
-            rounds=10 if CUDA else 3, images=BATCH)
+    step = _step_fn(provider)
+    info = {}
+    if provider.endswith("-compiled"):
+        started = time.perf_counter()
+        step()
+        info["compile_s"] = time.perf_counter() - started
+    measure(benchmark, step, group=f"train-step {LABEL}", provider=provider, rounds=10 if CUDA else 3,
+            images=BATCH, **info)
 
 
 @pytest.mark.parametrize("provider", ["split", "stacked"])

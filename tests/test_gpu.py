@@ -23,6 +23,13 @@ pytestmark = pytest.mark.gpu
 FP32_GPU = dict(rtol=1e-4, atol=1e-6)
 
 
+@pytest.fixture(autouse=True)
+def kernels(monkeypatch):
+    """The kernels' tests run the kernels (`auto` could pick the SDPA composite); the choice's
+    own tests unset this."""
+    monkeypatch.setenv("ALIGNCLIP_ATTENTION", "triton")
+
+
 def _packed(b, n, h, d, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     qkv = torch.randn(b, n, 3, h, d, device="cuda", generator=gen)
@@ -271,3 +278,89 @@ def test_opcheck_on_cuda(name):
     args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
                  for a in args)
     torch.library.opcheck(op, args)
+
+
+def test_the_choice_on_cuda_times_each_key_once_and_keeps_it(monkeypatch, tmp_path):
+    from alignclip_kernels import attention_choice
+
+    monkeypatch.delenv("ALIGNCLIP_ATTENTION", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(attention_choice, "_CHOICES", {})
+    floats, views = _packed(108, 197, 12, 64)
+    for _ in range(2):
+        qkv = floats[0].to(torch.bfloat16).requires_grad_()
+        out, dv, cls = ak.fused_alignclip_attention(*ak.split_qkv(qkv))
+        (out.float().sum() + cls.sum()).backward()
+    (key, entry), = ak.attention_choices().items()
+    assert entry["source"] == "timed" and entry["path"] in ("triton", "sdpa"), entry
+    assert os.path.exists(attention_choice.cache_file())
+
+
+@pytest.mark.parametrize("path", ["triton", "sdpa"])
+def test_a_non_finite_query_row_gives_a_nan_row_on_cuda(path, monkeypatch):
+    """On CUDA the composite adds no NaN guard: SDPA's backends must propagate it themselves."""
+    monkeypatch.setenv("ALIGNCLIP_ATTENTION", path)
+    q, k, v = (torch.randn(2, 2, 197, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q[0, 1, 5, 3] = float("nan")
+    out, _, rows = ak.dual_attention(q, k, v, rows=1)
+    assert torch.isnan(out.view(2, 197, 2, 64)[0, 5, 1]).all() and torch.isfinite(out.view(2, 197, 2, 64)[1]).all()
+
+
+def test_deterministic_bits_do_not_depend_on_autotuning(monkeypatch):
+    """Deterministic mode runs the static tiles: what a machine's autotuner picked cannot move
+    a bit."""
+    floats, views = _packed(108, 197, 12, 64)
+    results = []
+    for autotune in ("1", "0"):
+        monkeypatch.setenv("ALIGNCLIP_AUTOTUNE", autotune)
+        qkv = floats[0].to(torch.bfloat16).requires_grad_()
+        out, dv, cls = ak.fused_alignclip_attention(*ak.split_qkv(qkv), deterministic=True)
+        (out.float().square().sum() + cls.sum()).backward()
+        results.append((out, cls, qkv.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_pixel_transform_on_cuda_equals_the_pytorch_path():
+    from alignclip_kernels.pixels import JITTER_COLUMNS, _torch_pixel_transform
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (108, 224, 224, 3), dtype=torch.uint8, generator=gen)
+    flip = (torch.rand(108, generator=gen) > 0.5).float()
+    jitter = torch.zeros(108, JITTER_COLUMNS)
+    jitter[:, :3] = torch.empty(108, 3).uniform_(0.7, 1.3, generator=gen)
+    jitter[:, 3] = torch.empty(108).uniform_(-0.3, 0.3, generator=gen)
+    jitter[:, 4:8] = torch.stack([torch.randperm(4, generator=gen) for _ in range(108)]).float()
+    jitter[:, 8] = (torch.rand(108, generator=gen) < 0.1).float()
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    want_plain = _torch_pixel_transform(images, mean, std, flip, None)
+    want = _torch_pixel_transform(images, mean, std, flip, jitter)
+    cuda = [t.cuda() for t in (images, mean, std, flip, jitter)]
+    assert torch.equal(ak.pixel_transform(*cuda[:3], flip=cuda[3]).cpu(), want_plain)
+    torch.testing.assert_close(ak.pixel_transform(*cuda[:3], flip=cuda[3], jitter=cuda[4]).cpu(), want,
+                               rtol=0, atol=1e-5)
+
+
+def test_the_benchmarks_rivals_compute_our_contract():
+    """`sdpa-rows-*` and `flex-rows` (benchmarks/providers.py) return our outputs and gradients:
+    a faster rival would otherwise be a rival of another op."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from providers import ATTENTION, RIVALS, attention_call, attention_inputs
+
+    assert set(RIVALS) <= set(ATTENTION)
+    qkv = torch.randn(16, 197, 3, 12, 64, device="cuda", dtype=torch.bfloat16)
+    (leaf,), views = attention_inputs("fused-triton", qkv)
+    want = attention_call("fused-triton")(*views)
+    grads = [torch.randn_like(w, dtype=w.dtype) for w in want]
+    want_grad = torch.autograd.grad(want, [leaf], grads)[0]
+    for provider in RIVALS:
+        (leaf,), views = attention_inputs(provider, qkv)
+        try:
+            got = attention_call(provider)(*views)
+        except RuntimeError as exc:   # a pinned backend this GPU lacks
+            pytest.skip(f"{provider}: {exc}")
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=1e-2, msg=provider)
+        got_grad = torch.autograd.grad(got, [leaf], grads)[0]
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=5e-2, atol=2e-2, msg=provider)

@@ -8,7 +8,7 @@ import torch
 import alignclip_kernels as ak
 from alignclip_kernels import _runtime, ptxas_report
 from alignclip_kernels import reference as ref
-from utils import AtomicRecorder, LaunchCounter, check_op, cls_rows, gen, packed, unit
+from utils import AtomicRecorder, LaunchCounter, ProgramOrder, check_op, cls_rows, gen, packed, unit
 
 
 def _labels(b, k, seed):
@@ -78,6 +78,81 @@ def test_by_default_data_atomics_are_relaxed_and_tickets_acquire_release(name):
         assert data, "the default mode adds its partial sums atomically"
     assert all(sem == "RELAXED" for _, _, sem in data), data
     assert all(sem == "ACQUIRE_RELEASE" for _, _, sem in tickets), tickets
+
+
+def _outputs_and_gradients(name, **kwargs):
+    """Every output and every input gradient of one forward + backward, under fixed upstream
+    gradients."""
+    op, _, floats, views = CASES[name]
+    leaves = [x.clone().requires_grad_() for x in floats]
+    outs = op(*(views(leaves) if views else leaves), **kwargs)
+    outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None]
+    g = gen(99)
+    grads = torch.autograd.grad(outs, leaves, [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in outs])
+    return [t.detach() for t in (*outs, *grads)]
+
+
+ORDERS = ("shuffled", "reverse", "two-phase")
+
+
+def test_program_orders_are_the_ones_asked_for():
+    """Each program notes how many programs have finished, takes a ticket (its first atomic),
+    then finishes (its second)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(Seen, Tickets, Counters):
+        pid = tl.program_id(0)
+        tl.store(Seen + pid, tl.load(Counters + 1))
+        tl.store(Tickets + pid, tl.atomic_add(Counters, 1))
+        tl.atomic_add(Counters + 1, 1)
+
+    def run():
+        seen, tickets = torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32)
+        probe[(6,)](seen, tickets, torch.zeros(2, dtype=torch.int32))
+        return seen.tolist(), tickets.tolist()
+
+    ascending, descending = list(range(6)), list(range(5, -1, -1))
+    assert run() == (ascending, ascending)
+    with ProgramOrder("reverse"):
+        assert run() == (descending, descending)
+    with ProgramOrder("two-phase"):          # every program stops before its ticket: none has finished
+        assert run() == ([0] * 6, descending)
+    with ProgramOrder("shuffled", seed=1):
+        seen, tickets = run()
+    assert seen == tickets and sorted(tickets) == ascending and tickets != ascending
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_programs_in_any_order_give_the_reference_and_deterministic_bits_do_not_move(name):
+    """A GPU runs a launch's programs in no promised order: shuffled, reversed, and with every
+    program stopped at its first atomic or ticket until all have reached theirs, each op's values
+    and gradients (the default mode) equal the float64 reference within the stated tolerance,
+    and the deterministic mode's are bitwise those of the interpreter's own order."""
+    op, reference, floats, views = CASES[name]
+    natural = _outputs_and_gradients(name, deterministic=True)
+    for i, order in enumerate(ORDERS):
+        with ProgramOrder(order, seed=i):
+            check_op(lambda *a: op(*a, deterministic=False), reference, floats, make_leaves=views)
+            moved = _outputs_and_gradients(name, deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(natural, moved)), (name, order)
+
+
+def test_pixel_transform_in_any_program_order():
+    from alignclip_kernels.pixels import JITTER_COLUMNS
+
+    g = gen(20)
+    images = torch.randint(0, 256, (3, 40, 41, 3), dtype=torch.uint8, generator=g)
+    jitter = torch.zeros(3, JITTER_COLUMNS)
+    jitter[:, :3], jitter[:, 3] = 1.2, 0.1
+    jitter[:, 4:8] = torch.tensor([[3.0, 1, 0, 2], [1, 0, 2, 3], [0, 2, 3, 1]])
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    want = ak.pixel_transform(images, mean, std, flip=torch.tensor([0.0, 1, 0]), jitter=jitter)
+    for order in ORDERS:
+        with ProgramOrder(order):
+            got = ak.pixel_transform(images, mean, std, flip=torch.tensor([0.0, 1, 0]), jitter=jitter)
+        assert torch.equal(got, want), order
 
 
 def test_deterministic_flag_follows_torch_and_is_checked():

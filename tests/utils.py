@@ -1,4 +1,8 @@
-"""Shared test helpers: the op/oracle comparison, tolerances, a launch counter, input makers."""
+"""Shared test helpers: the op/oracle comparison, tolerances, a launch counter, program orders,
+input makers."""
+import random
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,6 +152,127 @@ class AtomicRecorder(LaunchCounter):
     def __exit__(self, *exc):
         self._builder.create_atomic_rmw = self._rmw
         return super().__exit__(*exc)
+
+
+class ProgramOrder:
+    """Runs every interpreted launch's programs in another order than the interpreter's: a
+    GPU promises none. `"shuffled"` (seeded), `"reverse"`, or `"two-phase"`: every program runs,
+    in index order, up to (not through) its first atomic (a data atomic or an arrival ticket),
+    and only then does any program go on, in reverse order, to its end. Each program of a
+    two-phase launch is a thread; one runs at a time, the others wait at their first atomic."""
+
+    def __init__(self, order, seed=0):
+        assert order in ("shuffled", "reverse", "two-phase"), order
+        self.order, self.rng = order, random.Random(seed)
+
+    def _sequential(self, fn, args, programs, builder):
+        if self.order == "shuffled":
+            self.rng.shuffle(programs)
+        else:
+            programs.reverse()
+        for index in programs:
+            builder.set_grid_idx(*index)
+            fn(**args)
+
+    def _two_phase(self, fn, args, programs, builder):
+        lock = threading.Condition()
+        state = {"turn": None, "errors": []}
+        local = threading.local()
+
+        def wait_for_turn(index):
+            with lock:
+                lock.wait_for(lambda: state["turn"] == index)
+            builder.set_grid_idx(*index)
+
+        def hand_back():
+            with lock:
+                state["turn"] = "main"
+                lock.notify_all()
+
+        def at_atomic():
+            index = getattr(local, "index", None)
+            if index is not None and not local.paused:
+                local.paused = True
+                hand_back()
+                wait_for_turn(index)
+
+        def program(index):
+            local.index, local.paused = index, False
+            wait_for_turn(index)
+            try:
+                fn(**args)
+            except BaseException as exc:   # noqa: B036 -- re-raised on the launching thread
+                state["errors"].append(exc)
+            finally:
+                local.index = None
+                hand_back()
+
+        self._at_atomic = at_atomic
+        threads = {index: threading.Thread(target=program, args=(index,), daemon=True) for index in programs}
+        for thread in threads.values():
+            thread.start()
+        for index in programs + programs[::-1]:   # phase one in order, phase two in reverse
+            if not threads[index].is_alive():
+                continue
+            with lock:
+                state["turn"] = index
+                lock.notify_all()
+                lock.wait_for(lambda: state["turn"] == "main")
+        for thread in threads.values():
+            thread.join()
+        self._at_atomic = None
+        if state["errors"]:
+            raise state["errors"][0]
+
+    def __enter__(self):
+        import inspect
+        import itertools
+
+        from triton.runtime import interpreter as it
+
+        cls, builder_cls = it.GridExecutor, it.InterpreterBuilder
+        self._saved = cls.__call__, builder_cls.create_atomic_rmw, builder_cls.create_atomic_cas
+        self._at_atomic = None
+        order = self
+
+        def call(executor, *args_dev, **kwargs):
+            argspec = inspect.getfullargspec(executor.fn)
+            kwargs = {k: v for k, v in kwargs.items() if k in argspec.args}
+            args_hst, kwargs_hst = executor._init_args_hst(args_dev, kwargs)
+            for hook in executor.pre_run_hooks:
+                hook(*args_hst, **kwargs_hst)
+            scope = it._patch_lang(executor.fn)
+            try:
+                args = inspect.getcallargs(executor.fn, *args_hst, **kwargs_hst)
+                args = {n: a if n in executor.constexprs else it._implicit_cvt(a) for n, a in args.items()}
+                grid = executor.grid(args) if callable(executor.grid) else executor.grid
+                grid = tuple(grid) + (1,) * (3 - len(grid))
+                it.interpreter_builder.set_grid_dim(*grid)
+                programs = list(itertools.product(*(range(g) for g in grid)))
+                run = order._two_phase if order.order == "two-phase" else order._sequential
+                run(executor.fn, args, programs, it.interpreter_builder)
+            finally:
+                scope.restore()
+            executor._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+        def pausing(original):
+            def atomic(this, *a):
+                if order._at_atomic is not None:
+                    order._at_atomic()
+                return original(this, *a)
+            return atomic
+
+        cls.__call__ = call
+        builder_cls.create_atomic_rmw = pausing(self._saved[1])
+        builder_cls.create_atomic_cas = pausing(self._saved[2])
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime import interpreter as it
+
+        it.GridExecutor.__call__, it.InterpreterBuilder.create_atomic_rmw, it.InterpreterBuilder.create_atomic_cas = \
+            self._saved
+        return False
 
 
 def refusal_test(cases):

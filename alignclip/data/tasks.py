@@ -1,4 +1,4 @@
-"""The three tasks as training domains and evaluation sets, split as the authors split them.
+"""The four tasks as training domains and evaluation sets, split as the authors split them.
 
 - domain_shift (DomainBed): train on the sources' "in" 80%, `val` = their "out" 20% (model
   selection), `test` = the targets' "out" 20% (CLIPood's rule).
@@ -9,13 +9,18 @@
 - open_class (CoOp): the first ceil(K/2) labels are base; train on base (n-shot if asked),
   `val` = base val split, `test` = base test split against the base names, `open` = the new
   classes' test split against the new names.
+- imagenet_shift (CoOp's ImageNet layouts, `imagenet.py`): train on all classes, n shots a class
+  (`data.shots`, 16 in configs/imagenet.yaml) drawn with the run's seed; `val` = HELD_OUT further
+  training images a class, never a test image (model selection); `imagenet` = ImageNet's val
+  split; `imagenet_v2`, `imagenet_sketch`, `imagenet_a`, `imagenet_r` = the shifted sets found
+  on the disk, A and R against their own 200 class names.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import numpy as np
 
-from . import coop, domainbed
+from . import coop, domainbed, imagenet
 from .domainbed import DataError
 from .samples import Sample, seed_hash
 
@@ -55,17 +60,37 @@ def _keep(samples, labels, offset=0):
     return [Sample(s.path, s.label - offset) for s in samples if s.label in labels]
 
 
-def _shots(samples, n, seed):
-    if n is None:
-        return samples
+HELD_OUT = 4   # imagenet_shift: training images a class kept apart for model selection
+
+
+def _draws(samples, n, seed, extra=0):
+    """Per class, a seeded permutation: (its first n, the next `extra`), in file order."""
     by_class = {}
     for s in samples:
         by_class.setdefault(s.label, []).append(s)
-    picked = []
+    picked, kept = [], []
     for label, items in sorted(by_class.items()):
         order = np.random.RandomState(seed_hash(seed, "shots", label)).permutation(len(items))
         picked += [items[i] for i in sorted(order[:n])]
-    return picked
+        kept += [items[i] for i in sorted(order[n:n + extra])]
+    return picked, kept
+
+
+def _shots(samples, n, seed):
+    return samples if n is None else _draws(samples, n, seed)[0]
+
+
+def _imagenet_shift(data, seed):
+    wnids, names = imagenet.read_classnames(data.root)
+    train_split = [s for items in imagenet.split(data.root, "train").values() for s in items]
+    shots = data.shots if data.shots is not None else max(len(train_split) // len(wnids) - HELD_OUT, 1)
+    train, held_out = _draws(train_split, shots, seed, HELD_OUT)
+    val = [s for items in imagenet.split(data.root, "val").values() for s in items]
+    sets = {"val": EvalSet(held_out, names),
+            "imagenet": _over_domains([(imagenet.LABELS["imagenet"], val)], names)}
+    for key, (samples, classnames) in imagenet.shifted_sets(data.root).items():
+        sets[key] = _over_domains([(imagenet.LABELS[key], samples)], classnames)
+    return Task(names, [train], ["ImageNet"], sets, coop.template("ImageNet"))
 
 
 def _open_class(data, seed):
@@ -108,8 +133,10 @@ def build_task(data, task, seed):
     """The Task for a DataConfig (`data`), task name and run seed."""
     if task == "open_class":
         return _open_class(data, seed)
+    if task == "imagenet_shift":
+        return _imagenet_shift(data, seed)
     if task not in ("domain_shift", "in_the_wild"):
-        raise DataError(f"task must be domain_shift, open_class or in_the_wild, got {task!r}")
+        raise DataError(f"task must be domain_shift, open_class, in_the_wild or imagenet_shift, got {task!r}")
     domains, classes, samples = domainbed.load_domains(data.root, data.dataset)
     targets = _targets(data.targets, domains)
     build = _domain_shift if task == "domain_shift" else _in_the_wild
