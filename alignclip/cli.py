@@ -1,4 +1,5 @@
-"""`python -m alignclip train | eval | config | sweep | pipeline | export`: the training package's command line.
+"""`python -m alignclip train | eval | config | sweep | results | pipeline | export`: the training
+package's command line.
 
 Every user mistake ends in one `error:` line and exit status 2; a run stopped by SIGTERM or
 SIGINT saves a checkpoint, says how to resume and exits with 128 + the signal number.
@@ -35,14 +36,24 @@ def _parser():
     tr.add_argument("--quiet", action="store_true", help="print only errors and the result table")
     overrides(tr)
 
-    ev = sub.add_parser("eval", help="accuracies of a checkpoint's last, BMA and best towers, or zero-shot")
-    what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="a run's checkpoints/last.pt (or the run folder)")
-    what.add_argument("--zero-shot", action="store_true", help="the configuration's CLIP before any training, on "
-                                                                "the test sets; writes OUTPUT_DIR/summary.json")
+    ev = sub.add_parser("eval", help="accuracies of a checkpoint's last, BMA and best towers, zero-shot, or the "
+                                     "WiSE-FT interpolation between them")
+    ev.add_argument("run", nargs="?", help="a run folder or its checkpoints/last.pt (with --wise-ft also a sweep's "
+                                           "folder)")
+    ev.add_argument("--checkpoint", help="the same as RUN")
+    ev.add_argument("--zero-shot", action="store_true", help="the configuration's CLIP before any training, on "
+                                                              "the test sets; writes OUTPUT_DIR/summary.json")
+    ev.add_argument("--wise-ft", metavar="START:STOP:STEP", help="evaluate (1 - a) zero-shot + a tuned weights for "
+                                                                  "the last and BMA towers, e.g. 0:1:0.1; writes "
+                                                                  "wise_ft.json and robustness.png")
     ev.add_argument("--config", help="default: the configuration saved in the checkpoint (--zero-shot: required)")
     ev.add_argument("--output", help="write the accuracies here (default: eval.json beside the run)")
     overrides(ev)
+
+    rs = sub.add_parser("results", help="the paper's tables across data sets from several sweeps' folders")
+    rs.add_argument("folders", nargs="+", metavar="DIR", help="sweep output folders (each holds results.json)")
+    rs.add_argument("--out", default="tables", metavar="PREFIX", help="writes PREFIX.md, PREFIX.json and PREFIX.tex "
+                                                                       "(default: tables)")
 
     cf = sub.add_parser("config", help="print the fully resolved configuration as YAML")
     cf.add_argument("--config", help="YAML file; default: the authors' defaults")
@@ -52,7 +63,7 @@ def _parser():
     sw.add_argument("--config", required=True)
     sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sw.add_argument("--targets", nargs="+", default=["all"], help="target indices or 'all'")
-    sw.add_argument("--baseline", action="store_true", help="also run CLIPood (loss.align false)")
+    sw.add_argument("--baseline", action="store_true", help="also run CLIPood (loss.align and loss.sls false)")
     sw.add_argument("--max-steps", type=int)
     sw.add_argument("--output-dir")
     sw.add_argument("--launcher", choices=LAUNCHERS, default="local",
@@ -61,6 +72,9 @@ def _parser():
     sw.add_argument("--jobs", type=int, help="gpus launcher: runs at once (default: one per GPU; needed without GPUs)")
     sw.add_argument("--gpus", help="gpus launcher: the GPU indices to use, e.g. 0,1,2 (default: all visible)")
     sw.add_argument("--collect", action="store_true", help="launch nothing: rebuild the table from the run folders")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="an ablation: a variant per value (values read as YAML, [0, 1] stays one); several --grid "
+                         "make a product, e.g. --grid loss.aloss=1,5,10")
     slurm = SlurmOptions()
     sw.add_argument("--slurm-partition", help="submitit: the SLURM partition")
     sw.add_argument("--slurm-time", type=int, default=slurm.time_min, help="submitit: minutes per job (a job that "
@@ -128,25 +142,16 @@ def _run(args, argv):
               f"open_clip.create_model({arch!r}, pretrained={args.out!r})"
               + (f"  ({arch} is this package's model config, unknown to plain open_clip)" if own else ""))
         return 0
-    if args.command == "eval" and args.zero_shot:
-        from .evaluate import zero_shot
+    if args.command == "results":
+        from .tables import collect, markdown, write
 
-        if not args.config:
-            raise ConfigError("eval --zero-shot needs --config (the model and data to evaluate)")
-        print(json.dumps(zero_shot(load_config(args.config, args.set)), indent=2))
+        result = collect(args.folders)
+        paths = write(result, args.out)
+        print(markdown(result), end="")
+        print(f"wrote {', '.join(paths)}")
         return 0
     if args.command == "eval":
-        from .evaluate import evaluate_checkpoint
-
-        checkpoint = checkpoint_file(args.checkpoint)
-        cfg = load_config(args.config, args.set) if args.config else None
-        results = evaluate_checkpoint(checkpoint, cfg, overrides=args.set)
-        out = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))),
-                                          "eval.json")
-        with open(out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2))
-        return 0
+        return _eval(args)
     if args.max_steps is not None and args.max_steps < 0:
         raise ConfigError("--max-steps must be >= 0")
     try:
@@ -165,6 +170,54 @@ def _run(args, argv):
         return 128 + stop.signum
 
 
+def _eval(args):
+    from .monitor import result_table
+
+    run = args.run or args.checkpoint
+    if args.run and args.checkpoint:
+        raise ConfigError("eval takes the run once: RUN or --checkpoint, not both")
+    if args.zero_shot:
+        from .evaluate import zero_shot
+
+        if run or args.wise_ft:
+            raise ConfigError("eval --zero-shot takes --config, not a run (for a run's zero-shot point: --wise-ft 0)")
+        if not args.config:
+            raise ConfigError("eval --zero-shot needs --config (the model and data to evaluate)")
+        cfg = load_config(args.config, args.set)
+        summary = zero_shot(cfg)
+        print(result_table(summary, f"zero-shot {cfg.model.arch} ({os.path.join(cfg.output_dir, 'summary.json')}):"))
+        return 0
+    if not run:
+        raise ConfigError("eval needs a run (RUN or --checkpoint) or --zero-shot --config FILE")
+    if args.wise_ft:
+        from .wise_ft import parse_alphas, wise_ft
+
+        for result in wise_ft(run, parse_alphas(args.wise_ft), echo=print):
+            print(_wise_ft_lines(result))
+        return 0
+    from .evaluate import evaluate_checkpoint
+
+    checkpoint = checkpoint_file(run)
+    cfg = load_config(args.config, args.set) if args.config else None
+    results = evaluate_checkpoint(checkpoint, cfg, overrides=args.set)
+    out = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "eval.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(result_table(results, f"evaluation of {checkpoint} after {results['steps']} steps ({out}):"))
+    return 0
+
+
+def _wise_ft_lines(result):
+    folder = os.path.dirname(os.path.dirname(result["checkpoint"]))
+    lines = [f"WiSE-FT {folder} ({os.path.join(folder, 'wise_ft.json')}, robustness.png):",
+             "| alpha | last ID | last OOD | BMA ID | BMA OOD |", "| --- | --- | --- | --- | --- |"]
+    for last, bma in zip(result["curves"]["last"], result["curves"]["bma"]):
+        cells = [f"{last['alpha']:g}"] + ["–" if v is None else f"{v:.2f}"
+                                          for v in (last["id"], last["ood"], bma["id"], bma["ood"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _sweep(args):
     from .sweep import sweep
 
@@ -179,7 +232,7 @@ def _sweep(args):
         results = sweep(args.config, seeds=args.seeds, targets=args.targets, baseline=args.baseline,
                         max_steps=args.max_steps, overrides=args.set, output_dir=args.output_dir,
                         echo=lambda line: print(line, flush=True), launcher=args.launcher, jobs=args.jobs,
-                        gpus=gpus, slurm=slurm, collect=args.collect)
+                        gpus=gpus, slurm=slurm, collect=args.collect, grid=args.grid)
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise

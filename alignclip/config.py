@@ -62,6 +62,7 @@ class ModelConfig:
     dual_layers: int = 6                  # the last blocks that also carry the D-V path
     aal_layers: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])   # CLS rows for the AAL
     out_proj_mode: str = "split"          # split (two GEMMs) | stacked (one GEMM over both paths)
+    second_path: str = "dv"               # dv (AlignCLIP's D-V) | vvv (CLIP Surgery's V-V-V, an ablation)
     template: Optional[str] = None        # class prompt with one {}; null: the data set's own
     grad_checkpointing: bool = False      # recompute each block in backward (or the tower's own flag)
 
@@ -92,7 +93,8 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    align: bool = True                    # false: CLIPood (SLS + MMS only)
+    align: bool = True                    # false: no AAL, no similarity alignment (and no second path)
+    sls: bool = True                      # false: hard labels (no semantic smoothing); both false: CLIPood
     alpha: float = MARGIN_ALPHA
     logit_scale: Optional[float] = None   # null: exp(logit_scale) of the loaded CLIP, as the authors
     epsilon: float = LABEL_EPSILON
@@ -208,6 +210,7 @@ def validate(cfg):
     _check_range("task", cfg.task, lambda v: v in TASKS, f"one of {', '.join(TASKS)}")
     _check_range("data.transforms", d.transforms, lambda v: v in TRANSFORMS, f"one of {', '.join(TRANSFORMS)}")
     _check_range("model.out_proj_mode", m.out_proj_mode, lambda v: v in ("split", "stacked"), "split or stacked")
+    _check_range("model.second_path", m.second_path, lambda v: v in ("dv", "vvv"), "dv or vvv")
     _check_range("train.precision", t.precision, lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}")
     _check_range("train.logger", t.logger, lambda v: v in LOGGERS, f"one of {', '.join(LOGGERS)}")
     _check_range("train.accumulate", t.accumulate, lambda v: v >= 1, "an integer >= 1")
@@ -276,6 +279,7 @@ def load_config(path=None, overrides=()):
         if not isinstance(raw, dict):
             raise ConfigError(f"config {path} must be a YAML mapping")
     raw = copy.deepcopy(raw)
+    raw.pop("variants", None)   # a sweep's ablations (sweep.read_variants): a single run is the base
     per_dataset, per_target = raw.pop("per_dataset", None), raw.pop("per_target", None)
     _merge(cfg, raw)
     updates = [parse_override(text) for text in overrides]

@@ -116,29 +116,46 @@ def run_in_process(job, train=None, echo=print):
 
 
 class Tally:
-    """Done / running / pending / failed counts and an ETA from the runs finished so far."""
+    """Done / running / pending / failed counts and an ETA estimated per kind of job (zero-shot
+    evaluations and training runs take very different times): the jobs left of each kind times
+    that kind's mean duration so far (a kind none of whose jobs has finished yet is taken at the
+    longest mean seen), spread over the runs at once."""
 
-    def __init__(self, total, concurrency, echo):
-        self.total, self.concurrency, self.echo = total, max(1, concurrency), echo
+    def __init__(self, jobs, concurrency, echo):
+        self.total, self.concurrency, self.echo = len(jobs), max(1, concurrency), echo
+        self.left = {}
+        for job in jobs:
+            self.left[self.kind(job)] = self.left.get(self.kind(job), 0) + 1
         self.done = self.failed = self.running = 0
-        self.durations = []
+        self.durations = {}
+
+    @staticmethod
+    def kind(job):
+        return "zero-shot" if job.zero_shot else "train"
 
     def started(self):
         self.running += 1
+
+    def eta(self):
+        means = {k: sum(v) / len(v) for k, v in self.durations.items()}
+        fallback = max(means.values(), default=0.0)
+        work = sum(n * means.get(kind, fallback) for kind, n in self.left.items())
+        busy = sum(n for n in self.left.values())
+        return work / min(self.concurrency, max(busy, 1))
 
     def finished(self, job, outcome):
         self.running -= 1
         self.done += outcome.ok
         self.failed += not outcome.ok
         seconds = outcome.finished - outcome.started
-        self.durations.append(seconds)
+        self.durations.setdefault(self.kind(job), []).append(seconds)
+        self.left[self.kind(job)] -= 1
         pending = self.total - self.done - self.failed - self.running
         left = pending + self.running
-        eta = sum(self.durations) / len(self.durations) * left / min(self.concurrency, max(left, 1))
         status = "ok" if outcome.ok else f"failed: {outcome.error}"
         self.echo(f"[{self.done + self.failed}/{self.total}] {job.name}: {status} ({seconds:.0f} s) · "
                   f"done {self.done}, running {self.running}, pending {pending}, failed {self.failed}"
-                  + (f" · ETA {clock(eta)}" if left else ""))
+                  + (f" · ETA {clock(self.eta())}" if left else ""))
 
 
 class Local:

@@ -2,8 +2,9 @@
 
     total = sls_mms(CLS of the original path) + aloss · (AAL(cls_attn, G) + similarity_align)
 
-with G computed from the D-V path's patch tokens inside the fused AAL. `align=False` is
-CLIPood (SLS+MMS only).
+with G computed from the second path's patch tokens inside the fused AAL. `align=False` drops
+the alignment terms (SLS+MMS only), `sls=False` the label smoothing (MMS with hard labels);
+both off is CLIPood.
 """
 from typing import NamedTuple
 
@@ -24,19 +25,22 @@ class LossTerms(NamedTuple):
 
 class AlignCLIPLoss(torch.nn.Module):
     """The loss terms with the authors' defaults; `text` [K, E] are the normalised class text
-    features (`class_dist` is computed from them once). `ops` is any module with the public op
-    names (`alignclip_kernels`, or its `reference`)."""
+    features (`class_dist` is computed from them once). `sls=False` drops the semantic label
+    smoothing: hard labels (epsilon 1, no mass on other classes), CLIPood's margin metric
+    softmax. `ops` is any module with the public op names (`alignclip_kernels`, or its
+    `reference`)."""
 
     def __init__(self, text, *, alpha=MARGIN_ALPHA, logit_scale=LOGIT_SCALE, epsilon=LABEL_EPSILON,
-                 smoothing=SMOOTHING, aloss=ALIGN_WEIGHT, temperature=TEMPERATURE, align=True,
+                 smoothing=SMOOTHING, aloss=ALIGN_WEIGHT, temperature=TEMPERATURE, align=True, sls=True,
                  ops=alignclip_kernels):
         super().__init__()
         self.ops = ops
         text = _checks.tensor("text", text, 2, "[K, E]", floating=False)
         self.register_buffer("text", text.detach().float(), persistent=False)
-        self.register_buffer("class_dist", ops.class_distribution(self.text, smoothing=smoothing),
-                             persistent=False)
-        self.alpha, self.epsilon = _checks.finite("alpha", alpha), _checks.finite("epsilon", epsilon)
+        dist = ops.class_distribution(self.text, smoothing=smoothing)
+        self.register_buffer("class_dist", dist if sls else torch.zeros_like(dist), persistent=False)
+        self.alpha = _checks.finite("alpha", alpha)
+        self.epsilon = _checks.finite("epsilon", epsilon) if sls else 1.0
         self.logit_scale = _checks.positive_finite("logit_scale", logit_scale)
         self.aloss = _checks.finite("aloss", aloss)
         self.temperature = _checks.positive_finite("temperature", temperature)

@@ -9,7 +9,16 @@ query-key product replaced by the identity so that every token keeps its own val
     x    = x + ls_1(out_proj(out));  x = x + ls_2(mlp(ln_2 x))
 
 `dv` is a zero-copy view of the QKV output. The blocks in `aal_layers` return their CLS
-attention rows. Outputs: `tokens = head(x)` and `tokens_dv = head(x_dv)` for all N tokens
+attention rows.
+
+`second_path="vvv"` (the ablation against CLIP Surgery's second path, which the authors' rebuttal
+compares on VLCS) replaces the identity by V-V-V self-attention over the same values,
+`softmax(s · v vᵀ) v` through the fused attention (no probe rows, no dv), at the block's scale:
+
+    x_dv = x_dv + ls_1(out_proj(softmax(s · v vᵀ) v))
+
+The CLS rows the AAL aligns are still the original path's, and G comes from the second path's
+tokens, whichever it is. Outputs: `tokens = head(x)` and `tokens_dv = head(x_dv)` for all N tokens
 (head = the tower's final norm and projection) and `cls_attn` [L, B, H, N]. With `align=False`
 the original path alone runs, and its CLS token equals the tower's own output.
 
@@ -33,6 +42,8 @@ from alignclip_kernels import fused_alignclip_attention
 
 from .towers import tower_for
 
+SECOND_PATHS = ("dv", "vvv")
+
 
 class VisualOutput(NamedTuple):
     tokens: torch.Tensor                   # [B, N, E] the original path, CLS first
@@ -49,7 +60,7 @@ class AlignCLIPVisual(torch.nn.Module):
     """
 
     def __init__(self, visual, *, dual_layers=6, aal_layers=(0, 1, 2, 3, 4), out_proj_mode="split",
-                 attention=fused_alignclip_attention):
+                 second_path="dv", attention=fused_alignclip_attention):
         super().__init__()
         self.tower = tower_for(visual)
         depth = len(self.tower.blocks)
@@ -61,10 +72,13 @@ class AlignCLIPVisual(torch.nn.Module):
             raise ValueError(f"aal_layers must be distinct block indices in [0, {depth}), got {aal_layers}")
         if out_proj_mode not in ("split", "stacked"):
             raise ValueError(f"out_proj_mode must be 'split' or 'stacked', got {out_proj_mode!r}")
+        if second_path not in SECOND_PATHS:
+            raise ValueError(f"second_path must be one of {', '.join(SECOND_PATHS)}, got {second_path!r}")
         self.visual = visual
         self.dual_start = depth - dual_layers
         self.aal_layers = aal_layers
         self.out_proj_mode = out_proj_mode
+        self.second_path = second_path
         self.attention = attention
 
     @property
@@ -88,7 +102,11 @@ class AlignCLIPVisual(torch.nn.Module):
         if dual and x_dv is None:
             x_dv = x
         q, k, v = block.attention_inputs(x)
-        out, dv, cls_attn = self.attention(q, k, v, scale=block.scale, return_dv=dual, return_cls_attn=probe)
+        vvv = dual and self.second_path == "vvv"
+        out, dv, cls_attn = self.attention(q, k, v, scale=block.scale, return_dv=dual and not vvv,
+                                           return_cls_attn=probe)
+        if vvv:
+            dv, _, _ = self.attention(v, v, v, scale=block.scale, return_dv=False, return_cls_attn=False)
         attn_out, dv_out = self._out_proj(block, out, dv)
         if dv_out is not None:
             x_dv = x_dv + dv_out

@@ -213,26 +213,32 @@ class Monitor:
         """The result table: a row per tower, a column per evaluation set (and target domain)."""
         if not self.main:
             return
-        sets = [k for k, v in summary["last"].items()
-                if (isinstance(v, float) or v is None) and not k.endswith("_mean")]
-        domains = {name: list(summary["last"].get(f"{name}_domains", {})) for name in sets}
-        head = ["tower"] + [c for name in sets for c in [name, *(f"{name} {d}" for d in domains[name])]]
-        lines = [f"result after {summary['steps']} steps ({self.folder.summary}):",
-                 "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-        for tower in ("last", "bma", "best"):
-            if tower not in summary:
-                continue
-            accs = summary[tower]
-            cells = [tower]
-            for name in sets:
-                cells.append(_pct(accs.get(name)))
-                cells += [_pct(accs.get(f"{name}_domains", {}).get(d)) for d in domains[name]]
-            lines.append("| " + " | ".join(cells) + " |")
-        counts = "; ".join(f"{name}: " + ", ".join(f"{d['domain']} {d['images']} images" for d in ds)
-                           for name, ds in summary.get("test_domains", {}).items())
-        if counts:
-            lines.append(counts)
-        self.say("\n".join(lines), always=True)
+        self.say(result_table(summary, f"result after {summary['steps']} steps ({self.folder.summary}):"),
+                 always=True)
+
+
+def result_table(summary, heading):
+    """A row per tower (zero-shot, last, BMA, best) of a summary or an evaluation, a column per
+    evaluation set and, for a set over several target domains, per domain; the test sets' image
+    counts under it. `train` prints it at the end of a run, `eval` for a checkpoint."""
+    towers = [t for t in ("zero_shot", "last", "bma", "best") if t in summary]
+    first = summary[towers[0]]
+    sets = [k for k, v in first.items() if (isinstance(v, float) or v is None) and not k.endswith("_mean")]
+    domains = {name: list(first.get(f"{name}_domains", {})) for name in sets}
+    head = ["tower"] + [c for name in sets for c in [name, *(f"{name} {d}" for d in domains[name])]]
+    lines = [heading, "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for tower in towers:
+        accs = summary[tower]
+        cells = [tower.replace("_", "-")]
+        for name in sets:
+            cells.append(_pct(accs.get(name)))
+            cells += [_pct(accs.get(f"{name}_domains", {}).get(d)) for d in domains[name]]
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = "; ".join(f"{name}: " + ", ".join(f"{d['domain']} {d['images']} images" for d in ds)
+                       for name, ds in summary.get("test_domains", {}).items())
+    if counts:
+        lines.append(counts)
+    return "\n".join(lines)
 
 
 def _pct(value):

@@ -98,12 +98,13 @@ def target_label(target, names, dataset):
 
 
 def build(cfg, runs, target_list, seeds, methods, domain_names):
-    """The results dict (markdown included) of a sweep's records."""
+    """The results dict (markdown included) of a sweep's records; `methods` {method: the --set
+    overrides that make it} (a variant's are shown beside its rows)."""
     metrics, labels = metric_names(cfg.task), metric_labels(cfg.task)
     names = {t: target_label(t, domain_names, cfg.data.dataset) for t in target_list}
     ok = [r for r in runs if r["status"] == "ok"]
     rows, cells = [], {}
-    for method in methods:
+    for method, setting in methods.items():
         towers = ["zero_shot"] if method == "zero-shot" else list(TOWERS)
         mine = [r for r in ok if r["method"] == method]
         for target in target_list:
@@ -113,7 +114,8 @@ def build(cfg, runs, target_list, seeds, methods, domain_names):
                 for tower in towers for m in metrics}
         for tower in towers:
             row = {"method": method, "tower": tower, "steps": sorted({r["steps"] for r in mine}),
-                   "config": sorted({r["summary"].get("config_hash") or "?" for r in mine}), "values": {}}
+                   "config": sorted({r["summary"].get("config_hash") or "?" for r in mine}), "values": {},
+                   "setting": [] if method in METHOD_NAMES else list(setting)}
             for m in metrics:
                 per_target = [cells[f"{method}/target{t}"][f"{tower}/{m}"] for t in target_list]
                 row["values"][m] = per_target
@@ -136,18 +138,23 @@ def markdown(cfg, results, runs, metrics, labels, names):
              f"Seeds {', '.join(map(str, results['seeds']))}; accuracy (%) on each target's test split, mean ± std "
              "over seeds (std from 2 seeds up), n = seeds finished.", ""]
     multi = len(metrics) > 1
-    head = ["method", "tower", "steps", "config"]
+    averaged = len(targets) > 1            # one column set (CoOp's data sets): no average of one
+    settings = any(row["setting"] for row in results["rows"])
+    head = ["method", "tower"] + (["setting"] if settings else []) + ["steps", "config"]
     for t in targets:
-        head += [f"{names[t]} {labels[m]}" if multi else names[t] for m in metrics]
-    head += [f"average {labels[m]}" if multi else "average" for m in metrics]
+        head += [(f"{names[t]} {labels[m]}" if averaged else labels[m]) if multi else names[t] for m in metrics]
+    if averaged:
+        head += [f"average {labels[m]}" if multi else "average" for m in metrics]
     lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for row in results["rows"]:
-        cells = [METHOD_NAMES.get(row["method"], row["method"]), TOWER_NAMES[row["tower"]],
-                 ", ".join(map(str, row["steps"])) or "–", ", ".join(row["config"]) or "–"]
+        cells = [METHOD_NAMES.get(row["method"], row["method"]), TOWER_NAMES[row["tower"]]]
+        cells += [", ".join(row["setting"]) or "–"] if settings else []
+        cells += [", ".join(map(str, row["steps"])) or "–", ", ".join(row["config"]) or "–"]
         for i in range(len(targets)):
             cells += [_cell(row["values"][m][i]) for m in metrics]
-        cells += ["–" if row["values"][f"{m}/average"] is None else f"{row['values'][f'{m}/average']:.2f}"
-                  for m in metrics]
+        if averaged:
+            cells += ["–" if row["values"][f"{m}/average"] is None else f"{row['values'][f'{m}/average']:.2f}"
+                      for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per seed:", "", "| method | target | seed | steps | " +
               " | ".join(SEED_COLUMNS[t] for t in ("zero_shot", *TOWERS)) + " |", "|" + " --- |" * 8]

@@ -6,8 +6,12 @@ then `results.md`, `results.json` and `results.png` (`results.py`).
         [--set key=value ...]
 
 Runs go to OUTPUT_DIR/<method>/target<t>-seed<s> (method: alignclip, or clipood for
-`--baseline`, the same configuration with loss.align false), and the zero-shot evaluation of
-the untrained CLIP, once per target, to OUTPUT_DIR/zero-shot/target<t>. Where the runs execute
+`--baseline`, the same configuration with loss.align and loss.sls false: MMS with hard labels
+and BMA, nothing of AlignCLIP's), or an ablation's variant: the
+configuration file's `variants: {name: {section: {key: value}}}` and the points of
+`--grid key=v1,v2,...`, several `--grid` making a product), and the zero-shot evaluation of
+the untrained CLIP, once per target, to OUTPUT_DIR/zero-shot/target<t>. With variants the
+table gains a row per variant naming the keys it sets, and `ablation.png` their bars per target. Where the runs execute
 is the launcher's business (`launchers.py`); what they hold is read back from their folders:
 a run finished at the asked length is kept, an interrupted, failed or shorter one (same
 configuration) is resumed to the asked length, and one finished longer or under another
@@ -15,8 +19,10 @@ configuration is refused with the reason, never reported. So re-running the same
 a crash, a kill or a preemption continues, and `--collect` rebuilds the table from whatever has
 finished, listing what has not.
 """
+import itertools
 import json
 import os
+import re
 
 import yaml
 
@@ -27,7 +33,9 @@ from .data.root import data_config
 from .launchers import LAUNCHERS, Job, Local, Processes, SlurmOptions, Submitit, Tally, failure_of, visible_gpus
 from .results import build, run_metrics
 from .run import RunFolder
-from .visualize import save_results_figure
+from .visualize import save_ablation_figure, save_results_figure
+
+CLIPOOD = ("loss.align=false", "loss.sls=false")
 
 
 def domain_names(cfg):
@@ -51,12 +59,76 @@ def targets_of(cfg, requested):
     return [int(t) for t in requested]
 
 
-def plan(config_path, *, seeds, targets, baseline, max_steps, overrides, output_dir):
-    """(base configuration, output folder, methods, targets, the sweep's jobs)."""
+def _yaml_value(value):
+    """A value as `--set` reads it back (YAML flow style, one line)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _flat_sets(mapping, prefix=""):
+    """A nested {section: {key: value}} mapping as `--set key=value` strings."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"variant {prefix.rstrip('.') or '?'} must map config sections to values, got {mapping!r}")
+    sets = []
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            sets += _flat_sets(value, f"{prefix}{key}.")
+        else:
+            sets.append(f"{prefix}{key}={_yaml_value(value)}")
+    return sets
+
+
+def read_variants(config_path):
+    """{name: [--set strings]} of the configuration file's `variants:` (ablations), in order."""
+    with open(config_path) as f:
+        raw = yaml.safe_load(f) or {}
+    variants = raw.get("variants") or {}
+    if not isinstance(variants, dict):
+        raise ConfigError(f"config {config_path}: variants must map names to config sections, got {variants!r}")
+    reserved = {"zero-shot", "clipood", "alignclip"}
+    bad = [name for name in variants
+           if str(name) in reserved or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", str(name))]
+    if bad:
+        raise ConfigError(f"variant names must be letters, digits and _.+- and not {', '.join(sorted(reserved))}: "
+                          f"{', '.join(map(str, bad))}")
+    for name, sections in variants.items():
+        if not isinstance(sections, dict):
+            raise ConfigError(f"variant {name} must map config sections to values, e.g. {{loss: {{sls: false}}}}, "
+                              f"got {sections!r}")
+    return {str(name): _flat_sets(sections) for name, sections in variants.items()}
+
+
+def grid_variants(grid):
+    """`--grid key=v1,v2,...` options (values read as YAML, `[0, 1]` stays one value) as
+    variants, their product: {name: [--set strings]}."""
+    axes = []
+    for option in grid:
+        if "=" not in option:
+            raise ConfigError(f"--grid takes key=v1,v2,..., got {option!r}")
+        key, raw = option.split("=", 1)
+        try:
+            values = yaml.safe_load(f"[{raw}]")
+        except yaml.YAMLError:
+            raise ConfigError(f"--grid {key}: cannot read {raw!r} as values v1,v2,...") from None
+        if not values:
+            raise ConfigError(f"--grid {key}: no values")
+        axes.append([(key.strip(), _yaml_value(v)) for v in values])
+    out = {}
+    for point in itertools.product(*axes) if axes else ():
+        name = "+".join(f"{key.split('.')[-1]}={value}" for key, value in point)
+        name = re.sub(r"[^A-Za-z0-9_.+=-]+", "", name.replace(",", "-"))   # a folder name: [0, 1] -> 0-1
+        out[name] = [f"{key}={value}" for key, value in point]
+    return out
+
+
+def plan(config_path, *, seeds, targets, baseline, max_steps, overrides, output_dir, grid=()):
+    """(base configuration, output folder, methods with their settings, targets, the sweep's jobs).
+    Methods: zero-shot CLIP, CLIPood (`--baseline`), AlignCLIP, then the configuration's
+    `variants` and the `--grid` points, each a method of its own (its run folders under its name)."""
     base_cfg = load_config(config_path, overrides)
     root_dir = output_dir or base_cfg.output_dir
-    methods = [("clipood", ["loss.align=false"])] if baseline else []
+    methods = [("clipood", list(CLIPOOD))] if baseline else []
     methods.append(("alignclip", []))
+    methods += list({**read_variants(config_path), **grid_variants(grid)}.items())
     target_list = targets_of(base_cfg, targets)
     config = os.path.abspath(config_path)
 
@@ -74,7 +146,8 @@ def plan(config_path, *, seeds, targets, baseline, max_steps, overrides, output_
                 name = f"seed{seed}" if target is None else f"target{target}-seed{seed}"
                 out = os.path.join(root_dir, method, name)
                 jobs.append(Job(method, target, seed, config, sets_of(extra, seed, target, out), out, max_steps))
-    return base_cfg, root_dir, ["zero-shot", *(m for m, _ in methods)], target_list, jobs
+    settings = {"zero-shot": [], **dict(methods)}
+    return base_cfg, root_dir, settings, target_list, jobs
 
 
 def _last_logged_step(folder):
@@ -134,13 +207,13 @@ def _final(record):
 
 def sweep(config_path, *, seeds=(0, 1, 2), targets=None, baseline=False, max_steps=None, overrides=(),
           output_dir=None, echo=print, train=None, launcher="local", jobs=None, gpus=None, slurm=None,
-          collect=False):
+          collect=False, grid=()):
     """Run (or, with `collect`, only read) the sweep and write results.md / results.json under
     the output folder; returns the results dict. `train` is the training function of the local
     launcher (alignclip.train.train by default); `launcher` one of `launchers.LAUNCHERS`."""
-    base_cfg, root_dir, methods, target_list, planned = plan(
+    base_cfg, root_dir, settings, target_list, planned = plan(
         config_path, seeds=seeds, targets=targets, baseline=baseline, max_steps=max_steps,
-        overrides=overrides, output_dir=output_dir)
+        overrides=overrides, output_dir=output_dir, grid=grid)
     states = [state_of(job) for job in planned]
     todo = [job for job, state in zip(planned, states) if state["status"] == "todo"]
     for job, state in zip(planned, states):
@@ -155,15 +228,17 @@ def sweep(config_path, *, seeds=(0, 1, 2), targets=None, baseline=False, max_ste
     if todo and not collect:
         runner = make_launcher(launcher, root_dir, train=train, jobs=jobs, gpus=gpus, slurm=slurm, echo=echo)
         echo(f"{len(todo)} of {len(planned)} runs to do, {runner.concurrency} at a time ({launcher} launcher)")
-        runner.run(todo, Tally(len(todo), runner.concurrency, echo))
+        runner.run(todo, Tally(todo, runner.concurrency, echo))
     runs = [_final(state_of(job)) for job in planned]
-    results = build(base_cfg, runs, target_list, seeds, methods, domain_names(base_cfg))
+    results = build(base_cfg, runs, target_list, seeds, settings, domain_names(base_cfg))
     os.makedirs(root_dir, exist_ok=True)
     with open(os.path.join(root_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(root_dir, "results.md"), "w") as f:
         f.write(results["markdown"])
     save_results_figure(os.path.join(root_dir, "results.png"), results)
+    if len(settings) > 3 or any(m not in ("zero-shot", "clipood", "alignclip") for m in settings):
+        save_ablation_figure(os.path.join(root_dir, "ablation.png"), results)
     return results
 
 

@@ -127,13 +127,13 @@ def _train(cfg, max_steps, resume, overwrite, echo, quiet):
     for name, eval_set in task.eval_sets.items():
         text[name] = class_text_features(clip, tokenizer, eval_set.classnames, template, device)
     model = AlignCLIPVisual(visual, dual_layers=cfg.model.dual_layers, aal_layers=cfg.model.aal_layers,
-                            out_proj_mode=cfg.model.out_proj_mode)
+                            out_proj_mode=cfg.model.out_proj_mode, second_path=cfg.model.second_path)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     lc = cfg.loss
     criterion = AlignCLIPLoss(text["train"], alpha=lc.alpha, epsilon=lc.epsilon,
                               logit_scale=lc.logit_scale or logit_scale(clip), smoothing=lc.smoothing,
-                              aloss=lc.aloss, temperature=lc.temperature, align=lc.align)
+                              aloss=lc.aloss, temperature=lc.temperature, align=lc.align, sls=lc.sls)
     optimizer = torch.optim.AdamW(visual.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.total_steps, cfg.train.warmup_steps))

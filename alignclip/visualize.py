@@ -1,8 +1,13 @@
-"""Pictures: attention.png (validation images under their CLS attention, mean over the AAL
-layers and heads, CLS key dropped, and the D-V target G, before and after training) and a
-sweep's results.png. Drawn with matplotlib's object API: importing this module changes no
-global backend."""
+"""Pictures: attention.png (target-domain test images under their CLS attention, mean over the
+AAL layers and heads, CLS key dropped, and the second path's target G, before and after
+training), a sweep's results.png and ablation.png, and the WiSE-FT robustness.png. Drawn with
+matplotlib's object API (importing this module changes no global backend), laid out by
+matplotlib's constrained layout with legends outside the axes and titles wrapped to the
+figure's width, so no text leaves the canvas and no legend covers data; each is saved as PNG
+and as PDF beside it."""
 import math
+import os
+import textwrap
 
 import torch
 
@@ -11,6 +16,30 @@ from alignclip_kernels import token_text_target
 from .config import resolved_transforms
 from .data import preprocessing
 from .data.pipeline import load_images
+
+COLUMN_WIDTH = 3.5    # inches: one column of a two-column paper
+
+
+def new_figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def wrapped(text, fig, fontsize):
+    """`text` broken into lines that fit the figure's width at `fontsize` points."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    return textwrap.fill(text, chars)
+
+
+def save_figure(fig, path):
+    """`path` (PNG) and the same figure as PDF beside it."""
+    fig.savefig(path, dpi=150)
+    fig.savefig(os.path.splitext(path)[0] + ".pdf")
+    return fig
 
 
 @torch.no_grad()
@@ -26,9 +55,23 @@ def attention_maps(model, images, labels, text, temperature):
     return attn.reshape(-1, side, side).cpu(), g.reshape(-1, side, side).float().cpu(), preds.cpu()
 
 
+def figure_set(task):
+    """(eval set name, its label) of the images attention.png shows: a target domain's test images
+    where their classes are the training classes (domain shift, open class's base, ImageNet's
+    shifted sets), else the source validation images."""
+    for name in ("test", "imagenet_sketch", "imagenet_v2", "imagenet"):
+        eval_set = task.eval_sets.get(name)
+        if eval_set and eval_set.samples and eval_set.classnames == task.classnames:
+            where = ", ".join(d for d, _ in eval_set.domains) or name
+            return name, f"{'target domain' if name == 'test' else 'test set'}: {where}"
+    return "val", f"source validation images: {', '.join(task.domain_names)}"
+
+
 def attention_snapshot(model, task, cfg, text, size, device):
-    """CLS attention, target G and prediction for a few validation images, one class after another."""
-    eval_set = task.eval_sets["val"]   # labelled with the training classes in every task
+    """CLS attention, target G and prediction for a few test images of a target domain (see
+    `figure_set`), one class after another."""
+    name, label = figure_set(task)
+    eval_set = task.eval_sets[name]
     n = cfg.train.attention_images
     if not eval_set.samples or n == 0 or not model.aal_layers:
         return None
@@ -42,70 +85,63 @@ def attention_snapshot(model, task, cfg, text, size, device):
     labels = torch.tensor([eval_set.samples[i].label for i in picks], device=device)
     attn, target, preds = attention_maps(model, images, labels, text, cfg.loss.temperature)
     return {"images": images.cpu(), "attn": attn, "target": target, "labels": labels.cpu(), "preds": preds,
-            "layers": list(model.aal_layers)}
+            "layers": list(model.aal_layers), "set": label}
 
 
 def save_attention_figure(path, before, after, transforms, task):
-    """A row per image: the image with its class, then the CLS attention and the target G before
-    and after training laid over it at image resolution, one colour scale per row (the
-    colourbar at its end) so that a flat map looks flat; predictions in the titles."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """A row per image: the image with its class, then the CLS attention before and after
+    training on one colour scale and the target G before and after on another (G's range is not
+    attention's: one shared scale would flatten one of them), each with its colourbar; the
+    domain the images come from in the title, predictions under the attention maps."""
     spec = preprocessing(transforms)
     mean, std = (torch.tensor(x).view(3, 1, 1) for x in (spec.mean, spec.std))
     names = task.classnames
     layers = after.get("layers") or before.get("layers") or []
-    columns = [("attention before", before, "attn"), ("G before", before, "target"),
-               ("attention after", after, "attn"), ("G after", after, "target")]
+    columns = [("attention before", before, "attn"), ("attention after", after, "attn"),
+               ("G before", before, "target"), ("G after", after, "target")]
     images = before["images"]
     side = images.shape[-1]
-    fig = Figure(figsize=(2.3 * (len(columns) + 1) + 0.6, 2.4 * len(images)))
-    FigureCanvasAgg(fig)
+    fig = new_figure(2.0 * (len(columns) + 1) + 1.2, 2.1 * len(images) + 0.9)
     axes = fig.subplots(len(images), len(columns) + 1, squeeze=False)
     for r, img in enumerate(images):
         picture = (img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-        maps = [torch.nn.functional.interpolate(snap[key][r][None, None], size=(side, side), mode="bilinear",
-                                                align_corners=False)[0, 0].numpy() for _, snap, key in columns]
-        low, high = min(m.min() for m in maps), max(m.max() for m in maps)
+        maps = {(title, key): torch.nn.functional.interpolate(snap[key][r][None, None], size=(side, side),
+                                                               mode="bilinear", align_corners=False)[0, 0].numpy()
+                for title, snap, key in columns}
         label = int(before["labels"][r]) if "labels" in before else None
         axes[r][0].imshow(picture)
         axes[r][0].set_title(f"class: {names[label]}" if label is not None else "image", fontsize=8)
-        shown = None
-        for c, ((title, snap, key), heat) in enumerate(zip(columns, maps), start=1):
-            ax = axes[r][c]
-            ax.imshow(picture)
-            shown = ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=low, vmax=high)
-            pred = snap.get("preds")
-            caption = title if pred is None or key != "attn" else f"{title}\npred: {names[int(pred[r])]}"
-            ax.set_title(caption, fontsize=8)
-        fig.colorbar(shown, ax=list(axes[r]), fraction=0.02, pad=0.01)
+        for key, cols in (("attn", (1, 2)), ("target", (3, 4))):
+            heats = [maps[(columns[c - 1][0], key)] for c in cols]
+            low, high = min(h.min() for h in heats), max(h.max() for h in heats)
+            shown = None
+            for c, heat in zip(cols, heats):
+                title, snap, _ = columns[c - 1]
+                ax = axes[r][c]
+                ax.imshow(picture)
+                shown = ax.imshow(heat, cmap="inferno" if key == "attn" else "viridis", alpha=0.6, vmin=low, vmax=high)
+                pred = snap.get("preds")
+                ax.set_title(title if pred is None or key != "attn" else f"{title}\npred: {names[int(pred[r])]}",
+                             fontsize=8)
+            fig.colorbar(shown, ax=[axes[r][c] for c in cols], shrink=0.8, pad=0.02).ax.tick_params(labelsize=6)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
     averaged = f"blocks {', '.join(map(str, layers))}" if layers else "the AAL blocks"
-    fig.suptitle(f"CLS attention to the patches (mean over {averaged} and heads) and the D-V target G; "
-                 "one colour scale per row", fontsize=9)
-    fig.savefig(path, dpi=100)
-    return fig
+    where = before.get("set") or after.get("set") or "evaluation images"
+    fig.suptitle(wrapped(f"{where}. CLS attention to the patches (mean over {averaged} and heads) and the "
+                         "second path's target G, each on its own colour scale per row", fig, 9), fontsize=9)
+    return save_figure(fig, path)
 
 
-def save_results_figure(path, results):
-    """results.png: per target, zero-shot CLIP, CLIPood and AlignCLIP (BMA towers) as bars of
-    the mean over seeds with the seeds' spread (min to max) and each seed as a dot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    metric = "test"
-    shown = [("zero-shot", "zero_shot", "zero-shot CLIP", "#999999"), ("clipood", "bma", "CLIPood (BMA)", "#4c72b0"),
-             ("alignclip", "bma", "AlignCLIP (BMA)", "#dd8452")]
-    shown = [s for s in shown if any(r["method"] == s[0] for r in results["runs"])]
-    names = results["target_names"]
-    fig = Figure(figsize=(max(4.0, 1.6 * len(names) + 1.5), 3.4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+def _bars(ax, results, shown, metric, tower_of):
+    """Grouped bars per target: each shown method's mean over seeds, its seeds' range and each
+    seed as a dot; returns the legend handles."""
     width = 0.8 / max(len(shown), 1)
-    for k, (method, tower, label, color) in enumerate(shown):
+    handles = []
+    for k, (method, label, color) in enumerate(shown):
+        tower = tower_of(method)
+        drawn = None
         for i, target in enumerate(results["targets"]):
             values = [r["metrics"][tower][metric] for r in results["runs"]
                       if r["status"] == "ok" and r["method"] == method and r["target"] == target
@@ -114,14 +150,59 @@ def save_results_figure(path, results):
                 continue
             x = i + (k - (len(shown) - 1) / 2) * width
             mean = sum(values) / len(values)
-            ax.bar(x, mean, width * 0.9, color=color, label=label if i == 0 else None,
-                   yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None, capsize=3)
-            ax.scatter([x] * len(values), values, s=8, color="black", zorder=3)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            drawn = ax.bar(x, mean, width * 0.9, color=color,
+                           yerr=[[mean - min(values)], [max(values) - mean]] if len(values) > 1 else None, capsize=2)
+            ax.scatter([x] * len(values), values, s=6, color="black", zorder=3)
+        if drawn is not None:
+            handles.append((drawn, label))
+    ax.set_xticks(range(len(results["target_names"])))
+    ax.set_xticklabels(results["target_names"], fontsize=7, rotation=20 if len(results["target_names"]) > 3 else 0)
+    ax.tick_params(axis="y", labelsize=7)
+    return handles
+
+
+HEADLINE = {"domain_shift": ("test", "test accuracy (%)"), "in_the_wild": ("open", "open-class accuracy (%)"),
+            "open_class": ("harmonic", "H of base and new (%)"), "imagenet_shift": ("ood", "OOD average (%)")}
+
+
+def _legend(fig, handles):
+    if handles:
+        fig.legend([h for h, _ in handles], [label for _, label in handles], loc="outside lower center",
+                   ncols=min(len(handles), 3), fontsize=7, frameon=False)
+
+
+def save_results_figure(path, results):
+    """results.png: per target, zero-shot CLIP, CLIPood and AlignCLIP (BMA towers) as bars of
+    the mean over seeds with the seeds' spread (min to max) and each seed as a dot."""
+    metric, ylabel = HEADLINE[results["task"]]
+    shown = [("zero-shot", "zero-shot CLIP", "#999999"), ("clipood", "CLIPood (BMA)", "#4c72b0"),
+             ("alignclip", "AlignCLIP (BMA)", "#dd8452")]
+    shown = [s for s in shown if any(r["method"] == s[0] for r in results["runs"])]
+    fig = new_figure(max(COLUMN_WIDTH, 1.1 * len(results["targets"]) + 1.2), 2.9)
+    ax = fig.subplots()
+    handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(wrapped(f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed", fig, 8),
+                 fontsize=8)
+    _legend(fig, handles)
+    return save_figure(fig, path)
+
+
+def save_ablation_figure(path, results):
+    """ablation.png: every method and variant of a sweep (BMA towers) per target, like the
+    paper's ablation figure."""
+    from matplotlib import colormaps
+
+    metric, ylabel = HEADLINE[results["task"]]
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    palette = colormaps["tab10"]
+    names = {"zero-shot": "zero-shot CLIP", "clipood": "CLIPood", "alignclip": "AlignCLIP"}
+    shown = [(m, names.get(m, m), palette(i % 10)) for i, m in enumerate(methods)]
+    fig = new_figure(max(COLUMN_WIDTH, 0.5 * len(methods) * len(results["targets"]) + 1.5), 3.1)
+    ax = fig.subplots()
+    handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(wrapped(f"{results['dataset']} ablation: BMA towers, mean over seeds with their range", fig, 8),
+                 fontsize=8)
+    _legend(fig, handles)
+    return save_figure(fig, path)

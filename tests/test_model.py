@@ -103,7 +103,7 @@ def _hf_native(model):
 NATIVE = {"open_clip": _open_clip_native, "timm": _timm_native, "hf": _hf_native}
 
 
-def float64_loop(kind, visual, images, dual_layers, aal_layers):
+def float64_loop(kind, visual, images, dual_layers, aal_layers, second_path="dv"):
     v = copy.deepcopy(visual).double()
     native = NATIVE[kind](v)
     x = native["embed"](images.double())
@@ -114,7 +114,9 @@ def float64_loop(kind, visual, images, dual_layers, aal_layers):
         scale = q.shape[-1] ** -0.5
         if i >= len(blocks) - dual_layers:
             x_dv = x if x_dv is None else x_dv
-            x_dv = x_dv + native["dv_out"](block, ref.merge_heads(val))
+            second = ref.merge_heads(val) if second_path == "dv" else \
+                ref.dual_attention(val, val, val, rows=0, scale=scale)[0]     # softmax(s v vᵀ) v
+            x_dv = x_dv + native["dv_out"](block, second)
         if i in aal_layers:
             rows.append(ref.dual_attention(q, k, val, rows=1, scale=scale)[2][:, :, 0])
         x = native["run"](block, x)
@@ -160,6 +162,27 @@ def test_align_off_equals_the_towers_own_forward(name):
         want = model.tower.forward(images)
         got = model.encode_image(images, normalize=False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["open_clip MHA", "timm"])
+def test_the_vvv_second_path_matches_a_float64_loop_in_values_and_gradients(name):
+    kind, make = TOWERS[name]
+    visual = make()
+    model = AlignCLIPVisual(visual, dual_layers=2, aal_layers=(0, 2), second_path="vvv")
+    images = torch.randn(2, 3, 32, 32, generator=gen(4))
+    ours_in, ref_in = images.clone().requires_grad_(), images.double().requires_grad_()
+    out = model(ours_in)
+    want = float64_loop(kind, visual, ref_in, 2, (0, 2), second_path="vvv")
+    ups = [torch.randn(t.shape, generator=gen(5 + i), dtype=torch.float64) for i, t in enumerate(want)]
+    for got, expected in zip(out, want):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    got_grad = torch.autograd.grad(list(out), ours_in, [u.float() for u in ups])[0]
+    want_grad = torch.autograd.grad(list(want), ref_in, ups)[0]
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-5)
+    dv_model = AlignCLIPVisual(visual, dual_layers=2, aal_layers=(0, 2))
+    assert not torch.allclose(dv_model(images).tokens_dv, out.tokens_dv)
+    with pytest.raises(ValueError, match="second_path must be one of dv, vvv"):
+        AlignCLIPVisual(visual, dual_layers=2, aal_layers=(0,), second_path="qkv")
 
 
 def test_vit_b32_dual_path_matches_float64_loop():

@@ -107,27 +107,30 @@ def test_random_weights_asked_for_a_clip_architecture_are_said_in_plain_words():
     assert random_init_notice(load_config(None, ["model.arch=ViT-B-32"]).model) is None
 
 
-def test_attention_figure_shows_class_prediction_and_one_scale_per_row(watched, tmp_path):
+def test_attention_figure_shows_class_prediction_and_a_scale_each_for_attention_and_g(watched, tmp_path):
     from types import SimpleNamespace
 
     from alignclip.visualize import save_attention_figure
 
     base, _, _ = watched
     before = torch.load(base / "out" / "checkpoints" / "attention_before.pt", weights_only=True)
-    assert {"images", "attn", "target", "labels", "preds", "layers"} <= set(before)
+    assert {"images", "attn", "target", "labels", "preds", "layers", "set"} <= set(before)
     assert before["layers"] == [0, 1] and (base / "out" / "attention.png").stat().st_size > 20000
+    assert before["set"] == "target domain: stripes"        # the target's test images, named
     names = ["circle", "square", "triangle"]
     fig = save_attention_figure(tmp_path / "a.png", before, before, "coop", SimpleNamespace(classnames=names))
     rows = len(before["images"])
     panels = [ax for ax in fig.axes if ax.get_images()]
     bars = [ax for ax in fig.axes if not ax.get_images() or ax.get_label() == "<colorbar>"]
-    assert len(panels) == 5 * rows and len(bars) == rows                 # a colourbar per row
+    assert len(panels) == 5 * rows and len(bars) == 2 * rows             # attention's and G's colourbars
+    assert "target domain: stripes" in fig._suptitle.get_text()
     for r in range(rows):
         row = panels[5 * r:5 * r + 5]
         assert row[0].get_title() == f"class: {names[int(before['labels'][r])]}"
         assert f"pred: {names[int(before['preds'][r])]}" in row[1].get_title()
-        scales = {im.get_clim() for ax in row[1:] for im in ax.get_images()[1:]}
-        assert len(scales) == 1                                           # one colour scale per row
+        attention = {im.get_clim() for ax in row[1:3] for im in ax.get_images()[1:]}
+        g = {im.get_clim() for ax in row[3:5] for im in ax.get_images()[1:]}
+        assert len(attention) == 1 and len(g) == 1                         # one scale each, per row
         overlay = row[1].get_images()[1].get_array()
         assert overlay.shape == before["images"].shape[-2:]               # at image resolution
 

@@ -106,3 +106,18 @@ def test_property_any_shape(b, e, k, seed):
     ours, oracle = _with_labels(labels)
     check_op(ours, oracle, [torch.randn(b, e, generator=gen(seed + 1)), text, ref.class_distribution(text)],
              seed=seed)
+
+
+def test_without_sls_the_objective_is_clipoods_mms_with_hard_labels(torch_path):
+    from alignclip import AlignCLIPLoss
+    from alignclip.model import VisualOutput
+
+    g = gen(30)
+    feats, text = torch.randn(6, 1, 16, generator=g), unit(5, 16, 31)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    terms = AlignCLIPLoss(text, align=False, sls=False, logit_scale=100.0)(VisualOutput(feats, None, None), labels)
+    f = torch.nn.functional.normalize(feats[:, 0], dim=-1)
+    want = torch.nn.functional.cross_entropy(100.0 * (f @ text.T - 0.3 * text[labels] @ text.T), labels)
+    torch.testing.assert_close(terms.total, want, rtol=1e-5, atol=1e-6)
+    smoothed = AlignCLIPLoss(text, align=False, logit_scale=100.0)(VisualOutput(feats, None, None), labels)
+    assert abs(float(smoothed.total - terms.total)) > 1e-3      # SLS moves target mass: another objective
