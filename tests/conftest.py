@@ -1,4 +1,5 @@
-"""pytest hooks only: Triton's interpreter on CUDA-less machines and the `gpu` marker.
+"""pytest hooks only: Triton's interpreter on CUDA-less machines, the `gpu` marker, the modules'
+order.
 
 TRITON_INTERPRET must be set before anything imports triton, so it is set here, at collection.
 Shared helpers live in tests/utils.py.
@@ -14,8 +15,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
 
+# The modules that take longest on 2 cores, first: xdist hands whole modules (--dist loadfile) to
+# its workers in collection order, so a long module collected last would run alone at the end.
+SLOW_FIRST = ("test_sweep.py", "test_work.py", "test_ptxas_report.py", "test_train.py",
+              "test_checkpoint_writer.py", "test_attention.py", "test_benchmarks.py", "test_paper_tables.py")
+
 
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

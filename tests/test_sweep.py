@@ -120,7 +120,7 @@ def _train_pid(marker):
 
 def test_a_run_killed_mid_sweep_is_resumed_by_the_same_command(tmp_path, torch_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    cfg = tiny_config(tmp_path / "data", tmp_path / "unused", "train.epochs=1", "train.iters_per_epoch=60",
+    cfg = tiny_config(tmp_path / "data", tmp_path / "unused", "train.epochs=1", "train.iters_per_epoch=30",
                       "train.checkpoint_every=5", "train.attention_images=0", "train.select_best=false")
     path = tmp_path / "sweep.yaml"
     path.write_text(cfg.to_yaml())
