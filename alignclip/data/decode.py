@@ -3,9 +3,11 @@ cheaply as the file allows, and a plain-words reason for every file that cannot 
 
 - RGB and grayscale JPEGs go to torchvision's libjpeg-turbo decoder (PIL's pixels, faster on
   one core); their size and channel count come from the file's frame header, read here without
-  a decoder. Where the caller can use an image at half its size or less (`reduce`), PIL
-  decodes it with JPEG's DCT scaling (`Image.draft`), which skips most of the inverse DCT.
-- Every other file (PNG, CMYK JPEG, ...) is decoded by PIL and converted to RGB.
+  a decoder, so the crop is drawn before the decode. Where the crop can be read at half its
+  size or less (`dct_scale`), PIL decodes the image with JPEG's DCT scaling (`Image.draft`),
+  which skips most of the inverse DCT.
+- Every other file (PNG, CMYK JPEG, ...) is decoded by PIL and converted to RGB, once (its size
+  is the decoded image's).
 
 Decoded images are uint8 [3, H, W] tensors whose memory is channels-last (how both decoders
 write them), so the worker's resize reads them without a copy.
@@ -105,17 +107,6 @@ def jpeg_header(data):
             return height, width, data[at + 9]
         at += 2 + length
     return None
-
-
-def image_size(image):
-    """(height, width) of an `Encoded` image, reading only its header."""
-    if image.jpeg is not None:
-        return image.jpeg[:2]
-    try:
-        with Image.open(image.stream) as img:
-            return img.height, img.width
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise unreadable(image.path, reason_of(exc)) from None
 
 
 def dct_scale(image, box_h, box_w, out_h, out_w):

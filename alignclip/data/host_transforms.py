@@ -30,11 +30,15 @@ def _pil_resize(pixels, box, out_h, out_w, scale):
     return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)
 
 
-def resized_crop(image, box, out_h, out_w, window, size):
+def resized_crop(image, box, out_h, out_w, window, size, decoded=None):
     """uint8 [3, size, size] (channels-last memory): the box (top, left, height, width) of the
-    `Encoded` image, resized to out_h × out_w, its size × size window at (top, left)."""
+    `Encoded` image (or of its `decoded` pixels, when already at hand), resized to out_h × out_w,
+    its size × size window at (top, left)."""
     top, left, height, width = box
-    pixels, scale = decode(image, dct_scale(image, height, width, out_h, out_w))
+    if decoded is None:
+        pixels, scale = decode(image, dct_scale(image, height, width, out_h, out_w))
+    else:
+        pixels, scale = decoded, 1
     if scale > 1:
         resized = _pil_resize(pixels, box, out_h, out_w, scale)
     else:

@@ -29,7 +29,7 @@ from typing import List
 import numpy as np
 import torch
 
-from .decode import CorruptImageError, image_size, read_image
+from .decode import CorruptImageError, decode, read_image
 from .device_transforms import DeviceTransform
 from .domainbed import DataError
 from .host_transforms import resized_crop
@@ -56,13 +56,14 @@ class ImageItems(torch.utils.data.Dataset):
 
     def _one(self, sample, seed):
         image = read_image(sample.path)
-        height, width = image_size(image)
+        decoded = None if image.jpeg else decode(image)[0]   # a JPEG's size is in its header: decoded later,
+        height, width = image.jpeg[:2] if image.jpeg else decoded.shape[1:]   # reduced if the crop allows
         if seed is None:
             params = eval_params(self.spec, self.size, height, width)
         else:
             params = train_params(self.spec, self.size, height, width, torch.Generator().manual_seed(seed))
         top, left, box_h, box_w, out_h, out_w, win_t, win_l = (int(v) for v in params[:8].tolist())
-        pixels = resized_crop(image, (top, left, box_h, box_w), out_h, out_w, (win_t, win_l), self.size)
+        pixels = resized_crop(image, (top, left, box_h, box_w), out_h, out_w, (win_t, win_l), self.size, decoded)
         return pixels, params
 
     def __getitem__(self, item):
