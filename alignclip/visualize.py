@@ -29,10 +29,32 @@ def new_figure(width, height):
     return fig
 
 
-def wrapped(text, fig, fontsize):
-    """`text` broken into lines that fit the figure's width at `fontsize` points."""
-    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
-    return textwrap.fill(text, chars)
+def _on_canvas(fig, artist):
+    fig.canvas.draw()                     # runs the constrained layout: the artist's final place
+    box = artist.get_window_extent()
+    return box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def fitted_title(set_title, text, fig, fontsize):
+    """`set_title(text, fontsize=...)` (an axes' `set_title` or `fig.suptitle`) with `text`
+    wrapped at the widest line length whose drawn title stays on the canvas (measured: glyph
+    widths vary with the font and an axes' title is centred on the axes, not the figure)."""
+    chars = len(text)
+    title = set_title(text, fontsize=fontsize)
+    while chars > 12 and not _on_canvas(fig, title):
+        chars = min(chars - 4, int(chars * fig.bbox.width / max(title.get_window_extent().width, 1)))
+        title = set_title(textwrap.fill(text, max(chars, 12)), fontsize=fontsize)
+    return title
+
+
+def fitted_legend(fig, handles, labels, fontsize, ncols):
+    """A legend below the axes with as many columns (up to `ncols`) as the canvas's width holds."""
+    for cols in range(min(ncols, len(handles)), 0, -1):
+        legend = fig.legend(handles, labels, loc="outside lower center", ncols=cols, fontsize=fontsize,
+                            frameon=False)
+        if cols == 1 or _on_canvas(fig, legend):
+            return legend
+        legend.remove()
 
 
 def save_figure(fig, path):
@@ -129,8 +151,8 @@ def save_attention_figure(path, before, after, transforms, task):
             ax.set_yticks([])
     averaged = f"blocks {', '.join(map(str, layers))}" if layers else "the AAL blocks"
     where = before.get("set") or after.get("set") or "evaluation images"
-    fig.suptitle(wrapped(f"{where}. CLS attention to the patches (mean over {averaged} and heads) and the "
-                         "second path's target G, each on its own colour scale per row", fig, 9), fontsize=9)
+    fitted_title(fig.suptitle, f"{where}. CLS attention to the patches (mean over {averaged} and heads) and the "
+                 "second path's target G, each on its own colour scale per row", fig, 9)
     return save_figure(fig, path)
 
 
@@ -167,8 +189,7 @@ HEADLINE = {"domain_shift": ("test", "test accuracy (%)"), "in_the_wild": ("open
 
 def _legend(fig, handles):
     if handles:
-        fig.legend([h for h, _ in handles], [label for _, label in handles], loc="outside lower center",
-                   ncols=min(len(handles), 3), fontsize=7, frameon=False)
+        fitted_legend(fig, [h for h, _ in handles], [label for _, label in handles], 7, 3)
 
 
 def save_results_figure(path, results):
@@ -182,8 +203,7 @@ def save_results_figure(path, results):
     ax = fig.subplots()
     handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(wrapped(f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed", fig, 8),
-                 fontsize=8)
+    fitted_title(ax.set_title, f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed", fig, 8)
     _legend(fig, handles)
     return save_figure(fig, path)
 
@@ -202,7 +222,6 @@ def save_ablation_figure(path, results):
     ax = fig.subplots()
     handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(wrapped(f"{results['dataset']} ablation: BMA towers, mean over seeds with their range", fig, 8),
-                 fontsize=8)
+    fitted_title(ax.set_title, f"{results['dataset']} ablation: BMA towers, mean over seeds with their range", fig, 8)
     _legend(fig, handles)
     return save_figure(fig, path)

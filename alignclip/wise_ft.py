@@ -32,7 +32,7 @@ from .data.root import data_config
 from .distributed import Dist
 from .evaluate import Evaluator, image_size
 from .results import SHIFTED
-from .visualize import COLUMN_WIDTH, new_figure, save_figure, wrapped
+from .visualize import COLUMN_WIDTH, fitted_legend, fitted_title, new_figure, save_figure
 
 
 def parse_alphas(spec):
@@ -135,10 +135,9 @@ def save_robustness_figure(path, runs, title):
     ax.set_xlabel("in-distribution accuracy (%)", fontsize=8)
     ax.set_ylabel("accuracy under shift (%)", fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(wrapped(title, fig, 8), fontsize=8)
+    fitted_title(ax.set_title, title, fig, 8)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2, fontsize=6,
-                   frameon=False)
+        fitted_legend(fig, list(handles.values()), list(handles), 6, 2)
     return save_figure(fig, path)
 
 

@@ -130,6 +130,16 @@ def rival_line(group, rows):
     return line + "."
 
 
+def stall_line(rows):
+    """What a background save costs the loop, as a share of the synchronous save (budget ≤ 10%)."""
+    timed = {r["provider"]: _time(r) for r in rows}
+    if not {"sync", "background"} <= timed.keys():
+        return ""
+    share = timed["background"] / timed["sync"]
+    return (f"The loop waits {share:.1%} of the synchronous save for a background one "
+            f"(budget ≤ 10%: {'met' if share <= 0.10 else 'missed'}).")
+
+
 def attention_model_line(rows):
     """The work model's ratio of ours to the composite rival, from the group's shape."""
     from alignclip_kernels import roofline
@@ -305,6 +315,7 @@ def write_report(results, out, plots, command, work=None, tiles=None, ptxas=None
         model = models.get((op, int(k))) if k.isdigit() else None
         path = _plot(group, rows, plots)
         notes = [rival_line(group, rows)] + ([attention_model_line(rows)] if group.startswith("attention-fwdbwd") else [])
+        notes += [stall_line(rows)] if group.startswith("checkpoint-save") else []
         parts += [f"### {group}", "", _table(rows, model), "", *(n + "\n" for n in notes if n),
                   f"![{group}]({os.path.relpath(path, os.path.dirname(os.path.abspath(out)))})", ""]
     if pipeline:

@@ -1,6 +1,6 @@
 """checkpoint-save: what a checkpoint costs the training loop, for a run's whole state (image
 tower, BMA tower, AdamW moments: four copies of the tower's weights, 1.4 GB at ViT-B/16; a
-ViT-S/16-sized tower on the CPU, whose save still takes over a second here):
+width-512 ViT/16 tower on the CPU, 0.61 GB, whose save takes over a second here):
 - `sync`: `checkpoint.save_atomic` on the loop's thread (torch.save, fsync, rename): what the
   loop used to wait for;
 - `background`: `CheckpointWriter.save`, the part the loop waits for: the copy into host
@@ -17,7 +17,7 @@ from alignclip.checkpoint import save_atomic
 from alignclip.checkpoint_writer import CheckpointWriter
 from conftest import CUDA, DEVICE, measure
 
-WIDTH, LABEL = (768, "ViT-B/16 state 1.4 GB") if CUDA else (384, "ViT-S/16 state 0.35 GB (CPU)")
+WIDTH, LABEL = (768, "ViT-B/16 state 1.4 GB") if CUDA else (512, "ViT/16 width 512 state 0.61 GB (CPU)")
 
 
 @pytest.fixture(scope="module")

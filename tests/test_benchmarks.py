@@ -48,6 +48,7 @@ def test_suite_runs_as_typed_and_report_renders(tmp_path):
     assert "## Targets" in text and "| provider | backend |" in text
     assert "Strongest rival of equal output: `sdpa-rows" in text and "`compiled`" in text
     assert "Model (not a measurement), forward + backward at this shape" in text
+    assert "The loop waits" in text and "of the synchronous save for a background one (budget ≤ 10%: " in text
     assert "## Work counted on the CPU (not timed)" in text and "work-model time" in text
     assert "## The deterministic mode's extra work" in text and "| attention | ViT-B/16 rows=1" in text
     assert len(list((tmp_path / "plots").glob("*.png"))) == len(groups)

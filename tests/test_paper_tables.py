@@ -196,8 +196,12 @@ def test_figures_keep_their_text_on_the_canvas_and_legends_off_the_data(tmp_path
             for t in range(4) for s in (0, 1)]
     results = {"task": "domain_shift", "dataset": "OfficeHome (a long data set title to wrap)", "targets": [0, 1, 2, 3],
                "target_names": long_names, "runs": runs}
+    one_target = {**results, "dataset": "Synthetic", "targets": [0], "target_names": ["stripes"],
+                  "runs": [r for r in runs if r["target"] == 0]}      # the narrowest figure: one column
     figures = [save_results_figure(str(tmp_path / "results.png"), results),
-               save_ablation_figure(str(tmp_path / "ablation.png"), results)]
+               save_ablation_figure(str(tmp_path / "ablation.png"), results),
+               save_results_figure(str(tmp_path / "one.png"), one_target),
+               save_ablation_figure(str(tmp_path / "one-ablation.png"), one_target)]
     curve = [{"alpha": a, "id": 60 + 30 * a, "ood": 50 + 10 * a - 8 * a * a} for a in (0.0, 0.5, 1.0)]
     figures.append(save_robustness_figure(str(tmp_path / "robustness.png"),
                                           [{"method": "alignclip", "curves": {"last": curve, "bma": curve}}],
