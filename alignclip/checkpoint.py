@@ -12,6 +12,14 @@ class RunError(RuntimeError):
     """A run that cannot go on; the message is one line for the user."""
 
 
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`. The
     file is named to torch.save, so its C++ writer writes it without calling back into Python
@@ -21,17 +29,9 @@ def save_atomic(obj, path):
     try:
         os.makedirs(folder, exist_ok=True)
         torch.save(obj, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(folder)            # the rename itself reaches the disk
     except OSError as exc:
         reason = "no space left on the device" if exc.errno == errno.ENOSPC else exc.strerror
         raise RunError(f"cannot write {path}: {reason}; the previous file, if any, is kept") from None

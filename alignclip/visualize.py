@@ -192,20 +192,27 @@ def _legend(fig, handles):
         fitted_legend(fig, [h for h, _ in handles], [label for _, label in handles], 7, 3)
 
 
-def save_results_figure(path, results):
-    """results.png: per target, zero-shot CLIP, CLIPood and AlignCLIP (BMA towers) as bars of
-    the mean over seeds with the seeds' spread (min to max) and each seed as a dot."""
+def _bar_figure(path, results, shown, size, title):
+    """Grouped bars of the shown methods' BMA towers (zero-shot CLIP's own) per target, the
+    task's headline metric, titled and with the legend below."""
     metric, ylabel = HEADLINE[results["task"]]
-    shown = [("zero-shot", "zero-shot CLIP", "#999999"), ("clipood", "CLIPood (BMA)", "#4c72b0"),
-             ("alignclip", "AlignCLIP (BMA)", "#dd8452")]
-    shown = [s for s in shown if any(r["method"] == s[0] for r in results["runs"])]
-    fig = new_figure(max(COLUMN_WIDTH, 1.1 * len(results["targets"]) + 1.2), 2.9)
+    fig = new_figure(*size)
     ax = fig.subplots()
     handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
     ax.set_ylabel(ylabel, fontsize=8)
-    fitted_title(ax.set_title, f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed", fig, 8)
+    fitted_title(ax.set_title, title, fig, 8)
     _legend(fig, handles)
     return save_figure(fig, path)
+
+
+def save_results_figure(path, results):
+    """results.png: per target, zero-shot CLIP, CLIPood and AlignCLIP (BMA towers) as bars of
+    the mean over seeds with the seeds' spread (min to max) and each seed as a dot."""
+    shown = [("zero-shot", "zero-shot CLIP", "#999999"), ("clipood", "CLIPood (BMA)", "#4c72b0"),
+             ("alignclip", "AlignCLIP (BMA)", "#dd8452")]
+    shown = [s for s in shown if any(r["method"] == s[0] for r in results["runs"])]
+    return _bar_figure(path, results, shown, (max(COLUMN_WIDTH, 1.1 * len(results["targets"]) + 1.2), 2.9),
+                       f"{results['dataset']}: mean over seeds, bars the seeds' range, dots each seed")
 
 
 def save_ablation_figure(path, results):
@@ -213,15 +220,10 @@ def save_ablation_figure(path, results):
     paper's ablation figure."""
     from matplotlib import colormaps
 
-    metric, ylabel = HEADLINE[results["task"]]
     methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
     palette = colormaps["tab10"]
     names = {"zero-shot": "zero-shot CLIP", "clipood": "CLIPood", "alignclip": "AlignCLIP"}
     shown = [(m, names.get(m, m), palette(i % 10)) for i, m in enumerate(methods)]
-    fig = new_figure(max(COLUMN_WIDTH, 0.5 * len(methods) * len(results["targets"]) + 1.5), 3.1)
-    ax = fig.subplots()
-    handles = _bars(ax, results, shown, metric, lambda m: "zero_shot" if m == "zero-shot" else "bma")
-    ax.set_ylabel(ylabel, fontsize=8)
-    fitted_title(ax.set_title, f"{results['dataset']} ablation: BMA towers, mean over seeds with their range", fig, 8)
-    _legend(fig, handles)
-    return save_figure(fig, path)
+    width = max(COLUMN_WIDTH, 0.5 * len(methods) * len(results["targets"]) + 1.5)
+    return _bar_figure(path, results, shown, (width, 3.1),
+                       f"{results['dataset']} ablation: BMA towers, mean over seeds with their range")
