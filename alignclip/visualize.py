@@ -30,8 +30,8 @@ def new_figure(width, height):
 
 
 def _on_canvas(fig, artist):
-    fig.canvas.draw()                     # runs the constrained layout: the artist's final place
-    box = artist.get_window_extent()
+    fig.draw_without_rendering()          # runs the constrained layout (the artist's final place), paints nothing
+    box = artist.get_window_extent(fig.canvas.get_renderer())
     return box.x0 >= 0 and box.x1 <= fig.bbox.width
 
 
@@ -58,7 +58,11 @@ def fitted_legend(fig, handles, labels, fontsize, ncols):
 
 
 def save_figure(fig, path):
-    """`path` (PNG) and the same figure as PDF beside it."""
+    """`path` (PNG) and the same figure as PDF beside it, laid out once for both (the
+    constrained layout of a figure of many axes takes a second each time it runs)."""
+    if fig.stale:                         # changed since `fitted_title` or `fitted_legend` laid it out
+        fig.draw_without_rendering()
+    fig.set_layout_engine("none")         # keeps the positions computed last
     fig.savefig(path, dpi=150)
     fig.savefig(os.path.splitext(path)[0] + ".pdf")
     return fig
@@ -115,6 +119,10 @@ def save_attention_figure(path, before, after, transforms, task):
     training on one colour scale and the target G before and after on another (G's range is not
     attention's: one shared scale would flatten one of them), each with its colourbar; the
     domain the images come from in the title, predictions under the attention maps."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     spec = preprocessing(transforms)
     mean, std = (torch.tensor(x).view(3, 1, 1) for x in (spec.mean, spec.std))
     names = task.classnames
@@ -135,17 +143,17 @@ def save_attention_figure(path, before, after, transforms, task):
         axes[r][0].set_title(f"class: {names[label]}" if label is not None else "image", fontsize=8)
         for key, cols in (("attn", (1, 2)), ("target", (3, 4))):
             heats = [maps[(columns[c - 1][0], key)] for c in cols]
-            low, high = min(h.min() for h in heats), max(h.max() for h in heats)
-            shown = None
+            scale = ScalarMappable(Normalize(min(h.min() for h in heats), max(h.max() for h in heats)),
+                                   colormaps["inferno" if key == "attn" else "viridis"])
             for c, heat in zip(cols, heats):
                 title, snap, _ = columns[c - 1]
                 ax = axes[r][c]
-                ax.imshow(picture)
-                shown = ax.imshow(heat, cmap="inferno" if key == "attn" else "viridis", alpha=0.6, vmin=low, vmax=high)
+                # the map laid over the image at 60% opacity, blended here: one image an axes to draw
+                ax.imshow(0.4 * picture + 0.6 * scale.to_rgba(heat)[..., :3])
                 pred = snap.get("preds")
                 ax.set_title(title if pred is None or key != "attn" else f"{title}\npred: {names[int(pred[r])]}",
                              fontsize=8)
-            fig.colorbar(shown, ax=[axes[r][c] for c in cols], shrink=0.8, pad=0.02).ax.tick_params(labelsize=6)
+            fig.colorbar(scale, ax=[axes[r][c] for c in cols], shrink=0.8, pad=0.02).ax.tick_params(labelsize=6)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

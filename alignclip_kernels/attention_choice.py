@@ -156,7 +156,15 @@ def _decide(key, shape, dtype, rows, device):
         return _CHOICES[key]["path"]
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """`torch.compiler.assume_constant_result(fn)` without importing torch._dynamo (2 s of every
+    program that never compiles): that decorator only sets this flag on `fn`, which
+    tests/test_attention_choice.py checks it still does."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _decide_when_tracing(key, b, h, n, d, dtype_name, rows, device):
     """The choice for a graph being built: made (or read) now, a constant of the graph."""
     return _decide(key, (b, h, n, d), getattr(torch, dtype_name), rows, torch.device(device))

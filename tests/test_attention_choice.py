@@ -89,6 +89,18 @@ def test_a_bad_mode_is_named(monkeypatch):
         ak.dual_attention(q, q, q)
 
 
+def test_the_choice_is_marked_constant_as_torch_compilers_decorator_marks_it():
+    """attention_choice sets assume_constant_result's flag itself (no torch._dynamo import)."""
+    from alignclip_kernels import attention_choice
+
+    def fn():
+        return 0
+    marked = torch.compiler.assume_constant_result(fn)
+    flags = {k: v for k, v in vars(marked).items()}
+    assert flags == {k: v for k, v in vars(attention_choice._decide_when_tracing).items()} == \
+        {"_dynamo_marked_constant": True}
+
+
 def test_torch_compile_makes_the_choice_when_it_builds_the_graph(fresh):
     torch._dynamo.reset()
     q, k, v = (torch.randn(1, 2, 24, 16, generator=gen(i)) for i in range(3))
