@@ -37,6 +37,7 @@ class AlignCLIPLoss(torch.nn.Module):
         self.ops = ops
         text = _checks.tensor("text", text, 2, "[K, E]", floating=False)
         self.register_buffer("text", text.detach().float(), persistent=False)
+        sls = _checks.flag("sls", sls)
         dist = ops.class_distribution(self.text, smoothing=smoothing)
         self.register_buffer("class_dist", dist if sls else torch.zeros_like(dist), persistent=False)
         self.alpha = _checks.finite("alpha", alpha)
@@ -44,7 +45,7 @@ class AlignCLIPLoss(torch.nn.Module):
         self.logit_scale = _checks.positive_finite("logit_scale", logit_scale)
         self.aloss = _checks.finite("aloss", aloss)
         self.temperature = _checks.positive_finite("temperature", temperature)
-        self.align = bool(align)
+        self.align = _checks.flag("align", align)
         self._text_cast = {}
 
     def _text_as(self, dtype):

@@ -81,3 +81,10 @@ def finite(name, value):
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)
+
+
+def flag(name, value):
+    """A switch: True or False only (a string such as "false" would read as on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value

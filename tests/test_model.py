@@ -269,6 +269,8 @@ def test_refuses_non_vit_towers_and_bad_layers():
     (dict(temperature=float("nan")), ValueError, "temperature must be finite and > 0"),
     (dict(alpha="0.3"), TypeError, "alpha must be a real number"),
     (dict(aloss=float("inf")), ValueError, "aloss must be finite"),
+    (dict(sls="false"), TypeError, "sls must be True or False, got str 'false'"),
+    (dict(align=0), TypeError, "align must be True or False, got int 0"),
 ])
 def test_loss_refuses_bad_arguments_by_name(kwargs, error, match):
     args = dict(text=torch.randn(4, 8)) | kwargs
